@@ -1,0 +1,20 @@
+"""timm model creation for loft_ext: never downloads weights, names the fix for a bad name."""
+from __future__ import annotations
+
+import difflib
+
+import timm
+import torch.nn as nn
+
+
+class ModelError(ValueError):
+    """An unknown or unusable model name."""
+
+
+def create_model(name: str, num_classes: int, in_chans: int = 3, **kwargs) -> nn.Module:
+    """``timm.create_model(name, pretrained=False, ...)`` with a clear error for unknown names."""
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+        raise ModelError(f"unknown timm model {name!r}{hint}")
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)

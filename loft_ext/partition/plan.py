@@ -1,0 +1,210 @@
+"""The partition plan: which channel groups of a model are split between S workers, and how.
+
+A plan is computed once per (model, S, preset) from the channel analysis in :mod:`graph`. It lists
+every split group with each tensor dimension the group runs along, and every channel group that stays
+shared with the reason. Presets choose among the splittable groups:
+
+- ``all``: every splittable group;
+- ``paper``: as the authors' release: the stem, the classifier, the first stage and the first block of
+  every later stage stay shared; the other blocks' internal groups are split.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch.nn as nn
+
+from .graph import PartitionError, TensorDim, analyse_channels
+
+PRESETS = ("paper", "all")
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    """Where a module sits: its residual block, the stage holding the block, and their indices."""
+
+    block: str
+    stage: str
+    stage_index: int
+    block_index: int
+
+
+@dataclass
+class SplitGroup:
+    """One channel group split between workers, with every tensor dimension it runs along."""
+
+    name: str                     # the producer module, e.g. "layer2.1.conv1"
+    channels: int
+    units: int                    # indivisible units dealt to workers (channels, or whole conv groups)
+    dims: list[TensorDim]
+    grouped_convs: dict[str, int] = field(default_factory=dict)
+    norm_groups: dict[str, int] = field(default_factory=dict)
+    block: BlockInfo | None = None
+
+    def unit_size(self, d: TensorDim) -> int:
+        return d.size // self.units
+
+    def numel_per_unit(self) -> int:
+        return self.channels // self.units
+
+
+@dataclass
+class SharedGroup:
+    """A channel group that every worker holds whole, and why."""
+
+    name: str
+    channels: int
+    reasons: list[str]
+
+
+def units_per_worker(units: int, workers: int) -> list[int]:
+    """How many units each worker gets when a permutation is dealt round-robin."""
+    return [len(range(s, units, workers)) for s in range(workers)]
+
+
+@dataclass
+class PartitionPlan:
+    model_name: str
+    preset: str
+    workers: int
+    input_shape: tuple[int, ...]
+    split: list[SplitGroup]
+    shared: list[SharedGroup]
+
+    # tensor name -> [(dim, index of the split group)], built once
+    tensor_dims: dict[str, list[tuple[int, int]]] = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.tensor_dims = {}
+        for gi, g in enumerate(self.split):
+            for d in g.dims:
+                self.tensor_dims.setdefault(d.name, []).append((d.dim, gi))
+        for entries in self.tensor_dims.values():
+            entries.sort()
+
+    # ------------------------------------------------------------------ shapes and counts
+    def units_of(self, worker: int) -> list[int]:
+        """Units of every split group held by ``worker`` (same every round)."""
+        return [units_per_worker(g.units, self.workers)[worker] for g in self.split]
+
+    def sub_shape(self, name: str, full_shape: tuple[int, ...], worker: int) -> tuple[int, ...]:
+        shape = list(full_shape)
+        for dim, gi in self.tensor_dims.get(name, ()):
+            g = self.split[gi]
+            shape[dim] = full_shape[dim] // g.units * units_per_worker(g.units, self.workers)[worker]
+        return tuple(shape)
+
+    def worker_numel(self, model: nn.Module, worker: int) -> int:
+        """Parameters held by ``worker``: shared ones whole plus its share of every split tensor."""
+        total = 0
+        for name, p in model.named_parameters():
+            n = p.numel()
+            for dim, gi in self.tensor_dims.get(name, ()):
+                g = self.split[gi]
+                n = n // g.units * units_per_worker(g.units, self.workers)[worker]
+            total += n
+        return total
+
+    # ------------------------------------------------------------------ reporting
+    def summary(self) -> str:
+        lines = [f"partition plan: {self.model_name}, preset={self.preset}, S={self.workers}: "
+                 f"{len(self.split)} split groups, {len(self.shared)} shared"]
+        for g in self.split:
+            where = f" [{g.block.block}]" if g.block else ""
+            lines.append(f"  split  {g.name:<34} {g.channels:>5} ch in {g.units:>4} units, "
+                         f"{len(g.dims):>2} tensor dims{where}")
+        for g in self.shared:
+            lines.append(f"  shared {g.name or '<input>':<34} {g.channels:>5} ch: {'; '.join(g.reasons)}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model_name, "preset": self.preset, "workers": self.workers,
+            "input_shape": list(self.input_shape),
+            "split": [{
+                "name": g.name, "channels": g.channels, "units": g.units,
+                "block": g.block.block if g.block else None,
+                "tensors": [{"name": d.name, "dim": d.dim, "size": d.size, "role": d.role,
+                             "buffer": d.buffer} for d in g.dims],
+                "grouped_convs": g.grouped_convs, "norm_groups": g.norm_groups,
+            } for g in self.split],
+            "shared": [{"name": g.name, "channels": g.channels, "reasons": g.reasons}
+                       for g in self.shared],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+
+def _is_stage_container(m: nn.Module) -> bool:
+    return isinstance(m, (nn.Sequential, nn.ModuleList)) or type(m).__name__.endswith("Stage")
+
+
+def block_index(model: nn.Module) -> dict[str, BlockInfo]:
+    """Map every module name to the block it belongs to.
+
+    A block is the nearest ancestor (not the module itself) that is a child of a stage container
+    (nn.Sequential, nn.ModuleList or a class named ``*Stage``): ``layer2.1`` in a ResNet,
+    ``blocks.3.0`` in an EfficientNet, ``stages.1.blocks.0`` in a ResNetV2, ``s2.b1`` in a RegNet.
+    """
+    modules = dict(model.named_modules())
+    stage_order: list[str] = []
+    infos: dict[str, BlockInfo] = {}
+    for name, module in modules.items():
+        if next(module.children(), None) is not None:
+            continue  # containers are never producers; skipping them keeps stage order clean
+        parts = name.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            block, stage = ".".join(parts[:cut]), ".".join(parts[:cut - 1])
+            if _is_stage_container(modules[stage]) and stage != "":
+                if stage not in stage_order:
+                    stage_order.append(stage)
+                children = [n for n, _ in modules[stage].named_children()]
+                infos[name] = BlockInfo(block, stage, stage_order.index(stage),
+                                        children.index(parts[cut - 1]))
+                break
+    return infos
+
+
+def make_plan(model: nn.Module, workers: int, preset: str = "paper",
+              input_shape: tuple[int, ...] = (1, 3, 64, 64), model_name: str | None = None
+              ) -> PartitionPlan:
+    """Analyse ``model`` and choose the groups to split between ``workers`` workers."""
+    model_name = model_name or type(model).__name__
+    if not isinstance(workers, int) or workers < 1:
+        raise PartitionError(f"the number of filter workers S must be an integer >= 1, got {workers!r}")
+    if preset not in PRESETS:
+        raise PartitionError(f"unknown partition preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    spaces = analyse_channels(model, input_shape)
+    blocks = block_index(model)
+    split, shared = [], []
+    for sp in spaces:
+        reasons = list(sp.barriers)
+        info = blocks.get(sp.producer)
+        if not reasons and preset == "paper":
+            if info is None:
+                reasons.append("preset paper: outside the residual blocks (stem or head)")
+            elif info.stage_index == 0:
+                reasons.append("preset paper: first stage")
+            elif info.block_index == 0:
+                reasons.append("preset paper: first block of its stage")
+        if not reasons and sp.units < workers:
+            reasons.append(f"{sp.units} indivisible units, fewer than S={workers} workers")
+        if not reasons and any(sp.channels % sp.units or d.size % sp.units for d in sp.dims):
+            reasons.append("tensor sizes not divisible into whole units")
+        if reasons:
+            shared.append(SharedGroup(sp.producer, sp.channels, reasons))
+        else:
+            dims = sorted(set(sp.dims), key=lambda d: (d.name, d.dim))
+            split.append(SplitGroup(sp.producer, sp.channels, sp.units, dims,
+                                    dict(sp.grouped_convs), dict(sp.norm_groups), info))
+    if workers > 1 and not split:
+        counts = Counter(r for g in shared for r in g.reasons)
+        why = "; ".join(f"{n} x {r}" for r, n in counts.most_common(6))
+        hint = " Try --preset all" if preset != "all" else ""
+        raise PartitionError(
+            f"nothing in {model_name} can be split between S={workers} workers with preset "
+            f"{preset!r} ({why}).{hint} or a model with residual blocks such as resnet18.")
+    return PartitionPlan(model_name, preset, workers, tuple(input_shape), split, shared)

@@ -1,0 +1,33 @@
+#!/usr/bin/env python
+"""LoFT pretraining of a timm CNN: S filter workers, L local steps per round.
+
+Default (no flags): resnet18 on scikit-learn's bundled digits, S=2, in one process.
+Every flag is generated from loft_ext's hparam dataclasses; see docs/usage.md.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from loft_ext.data import DataError  # noqa: E402
+from loft_ext.engine.runner import HPARAM_CLASSES, ConfigError, run_pretrain  # noqa: E402
+from loft_ext.models import ModelError  # noqa: E402
+from loft_ext.partition.graph import PartitionError  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for cls in HPARAM_CLASSES:
+        cls.add_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        run_pretrain(*(cls.from_args(args) for cls in HPARAM_CLASSES))
+    except (ConfigError, DataError, ModelError, PartitionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

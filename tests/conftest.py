@@ -1,0 +1,31 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+# the families the partition engine must support (issue 2)
+FAMILIES = ["resnet18", "resnet34", "resnet50", "resnet26d", "wide_resnet50_2", "resnetv2_50",
+            "efficientnet_b0", "mobilenetv3_small_100", "regnetx_002"]
+
+
+@pytest.fixture(scope="session")
+def model_cache():
+    """timm models by name, built once per session with a fixed seed (tests deep-copy before mutating)."""
+    from loft_ext.models import create_model
+
+    cache = {}
+
+    def get(name, num_classes=10, in_chans=3):
+        key = (name, num_classes, in_chans)
+        if key not in cache:
+            torch.manual_seed(0)
+            cache[key] = create_model(name, num_classes=num_classes, in_chans=in_chans)
+        return cache[key]
+
+    return get

@@ -1,0 +1,148 @@
+"""The partition plan: which channel groups are split, with which tensors, and why others are not."""
+import pytest
+import torch.nn as nn
+
+from conftest import FAMILIES
+from loft_ext.partition.graph import PartitionError
+from loft_ext.partition.plan import make_plan
+
+# (model, preset) -> number of split groups at S=2; counted by hand from the architectures:
+# resnet18: 8 BasicBlocks, paper keeps layer1 and each stage's first block -> 3
+# resnet34: [3,4,6,3] blocks -> 3+5+2 = 10 (paper), 16 (all)
+# resnet50: 16 Bottlenecks x 2 groups + the stem output (feeds only conv1 and the downsample conv)
+EXPECTED_SPLIT = {
+    ("resnet18", "paper"): 3, ("resnet18", "all"): 8,
+    ("resnet34", "paper"): 10, ("resnet34", "all"): 16,
+    ("resnet50", "paper"): 20, ("resnet50", "all"): 33,
+    ("resnet26d", "paper"): 6, ("resnet26d", "all"): 19,
+    ("wide_resnet50_2", "paper"): 20, ("wide_resnet50_2", "all"): 33,
+    ("resnetv2_50", "paper"): 20, ("resnetv2_50", "all"): 33,
+    ("efficientnet_b0", "paper"): 18, ("efficientnet_b0", "all"): 35,
+    ("mobilenetv3_small_100", "paper"): 11, ("mobilenetv3_small_100", "all"): 23,
+    ("regnetx_002", "paper"): 9, ("regnetx_002", "all"): 14,
+}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("preset", ["paper", "all"])
+def test_split_group_counts(model_cache, name, preset):
+    plan = make_plan(model_cache(name), 2, preset, model_name=name)
+    assert len(plan.split) == EXPECTED_SPLIT[(name, preset)]
+    # every tensor dim of a split group has whole units, and no (tensor, dim) is claimed twice
+    seen = set()
+    for g in plan.split:
+        for d in g.dims:
+            assert d.size % g.units == 0
+            assert (d.name, d.dim) not in seen
+            seen.add((d.name, d.dim))
+    # shared groups always say why
+    assert all(s.reasons for s in plan.shared)
+
+
+def _dims(plan, producer):
+    g = next(g for g in plan.split if g.name == producer)
+    return {(d.name, d.dim, d.role) for d in g.dims}
+
+
+def test_basicblock_group_tensors(model_cache):
+    plan = make_plan(model_cache("resnet18"), 2, "paper")
+    assert _dims(plan, "layer2.1.conv1") == {
+        ("layer2.1.conv1.weight", 0, "producer"),
+        ("layer2.1.bn1.weight", 0, "norm"), ("layer2.1.bn1.bias", 0, "norm"),
+        ("layer2.1.bn1.running_mean", 0, "norm"), ("layer2.1.bn1.running_var", 0, "norm"),
+        ("layer2.1.conv2.weight", 1, "consumer"),
+    }
+    shared = {s.name: s.reasons for s in plan.shared}
+    assert any("residual" in r for r in shared["conv1"])  # the stem output joins the stream
+    assert shared["layer2.0.conv1"] == ["preset paper: first block of its stage"]
+    assert shared["layer1.1.conv1"] == ["preset paper: first stage"]
+    assert shared["fc"] == ["reaches the model output"]
+
+
+def test_bottleneck_has_two_groups_and_conv2_is_split_on_both_dims(model_cache):
+    plan = make_plan(model_cache("resnet50"), 2, "paper")
+    a, b = _dims(plan, "layer3.2.conv1"), _dims(plan, "layer3.2.conv2")
+    assert ("layer3.2.conv2.weight", 1, "consumer") in a
+    assert ("layer3.2.conv2.weight", 0, "producer") in b
+    assert ("layer3.2.conv3.weight", 1, "consumer") in b
+    assert plan.tensor_dims["layer3.2.conv2.weight"] == [(0, plan.split.index(
+        next(g for g in plan.split if g.name == "layer3.2.conv2"))), (1, plan.split.index(
+        next(g for g in plan.split if g.name == "layer3.2.conv1")))]
+
+
+def test_inverted_residual_expansion_group_covers_depthwise_and_se(model_cache):
+    plan = make_plan(model_cache("efficientnet_b0"), 2, "paper")
+    dims = _dims(plan, "blocks.2.1.conv_pw")
+    assert ("blocks.2.1.conv_dw.weight", 0, "grouped") in dims
+    assert ("blocks.2.1.se.conv_reduce.weight", 1, "consumer") in dims
+    assert ("blocks.2.1.se.conv_expand.weight", 0, "gate") in dims
+    assert ("blocks.2.1.se.conv_expand.bias", 0, "gate") in dims
+    assert ("blocks.2.1.conv_pwl.weight", 1, "consumer") in dims
+    assert ("blocks.2.1.bn2.running_var", 0, "norm") in dims
+    g = next(g for g in plan.split if g.name == "blocks.2.1.conv_pw")
+    assert g.grouped_convs == {"blocks.2.1.conv_dw": 240} and g.units == 240
+
+
+def test_grouped_conv_splits_along_whole_conv_groups(model_cache):
+    plan = make_plan(model_cache("regnetx_002"), 2, "paper")
+    g = next(g for g in plan.split if g.name == "s4.b2.conv1.conv")
+    assert g.channels == 368 and g.units == 46  # group width 8
+    assert ("s4.b2.conv2.conv.weight", 0, "grouped") in {(d.name, d.dim, d.role) for d in g.dims}
+
+
+def test_groups_narrower_than_s_stay_shared(model_cache):
+    # regnetx_002's first stage has 24 channels in 3 conv groups: shared at S=4 with the reason
+    plan = make_plan(model_cache("regnetx_002"), 4, "all")
+    shared = {s.name: s.reasons for s in plan.shared}
+    assert shared["s1.b1.conv1.conv"] == ["3 indivisible units, fewer than S=4 workers"]
+
+
+def test_model_with_nothing_to_split_is_refused():
+    class Plain(nn.Module):  # every conv output meets a residual add or the output
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.b = nn.Conv2d(8, 8, 3, padding=1)
+            self.head = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            x = self.a(x)
+            x = x + self.b(x)
+            return self.head(x).mean((2, 3))
+
+    with pytest.raises(PartitionError, match=r"nothing in Plain can be split.*residual add"):
+        make_plan(Plain(), 2, "all")
+
+
+def test_too_many_workers_is_refused(model_cache):
+    with pytest.raises(PartitionError, match="fewer than S=5000"):
+        make_plan(model_cache("resnet18"), 5000, "all", model_name="resnet18")
+
+
+def test_bad_s_and_preset(model_cache):
+    with pytest.raises(PartitionError, match="S must be an integer >= 1"):
+        make_plan(model_cache("resnet18"), 0)
+    with pytest.raises(PartitionError, match="unknown partition preset 'xyz'"):
+        make_plan(model_cache("resnet18"), 2, "xyz")
+
+
+def test_layernorm_and_concat_stay_shared():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1)
+            self.ln = nn.GroupNorm(1, 8)  # one group: mixes all channels
+            self.c, self.d = nn.Conv2d(8, 8, 1), nn.Conv2d(16, 4, 1)
+            self.e, self.f = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 4, 1)
+
+        def forward(self, x):
+            h = self.b(self.ln(self.a(x)))
+            h = self.d(torch.cat([self.c(h), h], 1))
+            return h.mean((2, 3)) + self.f(torch.relu(self.e(x))).mean((2, 3))
+
+    import torch
+    plan = make_plan(Odd(), 2, "all", input_shape=(1, 3, 8, 8))
+    assert [g.name for g in plan.split] == ["e"]
+    shared = {s.name: s.reasons for s in plan.shared}
+    assert any("concatenated" in r for r in shared["b"])
+    assert shared["a"] == ["1 indivisible units, fewer than S=2 workers"]
