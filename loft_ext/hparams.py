@@ -55,8 +55,7 @@ class Hparams:
             help_text = f.metadata.get("help", "")
             choices = f.metadata.get("choices")
             if typ is bool or typ == "bool":
-                kwargs["type"] = _parse_bool
-                kwargs["metavar"] = "BOOL"
+                kwargs.update(type=_parse_bool, metavar="BOOL", nargs="?", const=True)  # --flag == --flag true
             elif typ == tuple[float, ...]:
                 kwargs["type"] = _parse_float_tuple
                 kwargs["metavar"] = "X,Y,..."

@@ -159,6 +159,11 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
     """LoFT pretraining with S simulated workers; returns the final metrics (also in summary.json)."""
     validate(model_hp, data_hp, loft_hp, train_hp)
     data = load_dataset(data_hp.dataset, data_hp.data_dir, data_hp.image_size or None, data_hp.augment)
+    # everything that can refuse the run happens before the run directory is touched
+    torch.manual_seed(train_hp.seed)
+    model = create_model(model_hp.model, data.num_classes, data.in_chans)
+    input_shape = (1, data.in_chans, data.image_size, data.image_size)
+    plan = make_plan(model, loft_hp.workers, model_hp.preset, input_shape, model_hp.model)
     name = f"{model_hp.model}-{hparams_hash(model_hp, data_hp, loft_hp, train_hp)}"
     run_dir, done = prepare_run_dir(out_hp.output_dir, name, out_hp.force)
     if done:
@@ -167,11 +172,6 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
         print_fn(f"run {run_dir} already finished (test acc {100 * summary['test_acc']:.2f}%); "
                  "pass --force to train it again")
         return summary
-
-    torch.manual_seed(train_hp.seed)
-    model = create_model(model_hp.model, data.num_classes, data.in_chans)
-    input_shape = (1, data.in_chans, data.image_size, data.image_size)
-    plan = make_plan(model, loft_hp.workers, model_hp.preset, input_shape, model_hp.model)
 
     def make_optimizer(params):
         return torch.optim.SGD(params, lr=train_hp.lr, momentum=train_hp.momentum,

@@ -1,0 +1,71 @@
+"""recipes/loft_timm.py end to end: output, run directory, refusal of bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPE = os.path.join(ROOT, "recipes", "loft_timm.py")
+sys.path.insert(0, os.path.join(ROOT, "recipes"))
+
+from loft_timm import main  # noqa: E402
+
+SMALL = ["--rounds", "6", "--local_steps", "3", "--batch_size", "32", "--bn_recalibration_batches", "2"]
+
+
+def _run(args, tmp_path):
+    return subprocess.run([sys.executable, RECIPE, *args, "--output_dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+@pytest.mark.slow
+def test_recipe_trains_prints_and_never_overwrites(tmp_path):
+    proc = _run(SMALL, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("epoch")]
+    assert len(lines) == 1  # 44 steps/epoch at batch 32 -> 15 rounds/epoch: the only epoch line is round 6 (last)
+    (run_dir,) = [d for d in tmp_path.iterdir()]
+    assert {"hparams.json", "plan.json", "metrics.jsonl", "summary.json", "model.pt"} <= set(os.listdir(run_dir))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["round"] == 6 and len(summary["worker_loss"]) == 2
+    assert summary["test_acc"] > 0.3  # 10 classes: chance is 0.1
+    # the same run again does not train over the finished one
+    again = _run(SMALL, tmp_path)
+    assert again.returncode == 0 and "already finished" in again.stdout
+    forced = _run(SMALL + ["--force"], tmp_path)
+    assert forced.returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [run_dir.name, run_dir.name + ".old-1"]
+
+
+def test_help_lists_every_flag():
+    proc = subprocess.run([sys.executable, RECIPE, "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0
+    for flag in ("--model", "--preset", "--workers", "--local_steps", "--optimizer_state", "--data_order",
+                 "--dataset", "--data_dir", "--epochs", "--rounds", "--lr_milestones", "--seed", "--output_dir"):
+        assert flag in proc.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "resnet18x"], "unknown timm model 'resnet18x'; did you mean"),
+    (["--local_steps", "0"], "--local_steps must be >= 1"),
+    (["--workers", "0"], "--workers must be >= 1"),
+    (["--workers", "100000", "--preset", "all"], "fewer than S=100000"),
+    (["--dataset", "cifar10"], "needs --data_dir"),
+    (["--dataset", "cifar10", "--data_dir", "/nonexistent"], "does not exist"),
+    (["--lr", "-1"], "--lr must be > 0"),
+    (["--lr_milestones", "0.5,2"], "--lr_milestones are fractions"),
+])
+def test_bad_input_is_one_clear_error(tmp_path, capsys, args, message):
+    assert main([*args, "--output_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_unwritable_output_dir(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["--output_dir", str(blocker / "runs")]) == 2
+    assert "pass a writable --output_dir" in capsys.readouterr().err
