@@ -92,19 +92,20 @@ class LoFTEngine:
                 continue
             idx = w.slicer.indices(self.partition, name) if name in self.plan.tensor_dims else []
             state = w.optimizer.state[p]
+            full_shape = w.slicer.full_tensors[name].shape
             for key, value in full_state.items():
-                state[key] = read_slice(value, idx).clone() if value.shape == w.slicer.full_tensors[name].shape \
-                    and value.dim() > 0 else value.clone()
+                per_entry = value.dim() > 0 and value.shape == full_shape
+                state[key] = read_slice(value, idx).clone() if per_entry else value.clone()
 
     def _write_back_optimizer_state(self) -> None:
         names = {n for w in self.workers for p, n in w.param_names.items() if w.optimizer.state.get(p)}
         for name in names:
             full_param = self.workers[0].slicer.full_tensors[name]
-            states = [w.optimizer.state[_param(w, name)] for w in self.workers]
+            states = [w.optimizer.state.get(_param(w, name), {}) for w in self.workers]
             dest = self.full_opt_state.setdefault(name, {})
             for key, value in states[0].items():
-                if not torch.is_tensor(value):
-                    continue
+                if not torch.is_tensor(value) or any(key not in st for st in states):
+                    continue  # a worker whose copy got no gradient this round keeps no state
                 sub_param = _param(self.workers[0], name)
                 if value.shape == sub_param.shape and value.dim() > 0:
                     if key not in dest:

@@ -223,6 +223,19 @@ class _Analysis:
             self.barrier(self.claims[key], f"{name} is used by two channel groups")
         self.claims[key] = s
 
+    def produce(self, name: str, m: nn.Module, channels: int) -> int:
+        """A new space made by the output rows (and bias) of conv/linear ``m``."""
+        s = self.new_space(name, channels)
+        self.add_dim(s, name + ".weight", m.weight, 0, "producer")
+        if m.bias is not None:
+            self.add_dim(s, name + ".bias", m.bias, 0, "producer")
+        return s
+
+    def consume(self, s: int, name: str, m: nn.Module) -> None:
+        """Conv/linear ``m`` reads space ``s`` through its weight columns."""
+        self.add_dim(s, name + ".weight", m.weight, 1, "consumer")
+        self.spaces[self.find(s)].consumers.append(name)
+
     def space(self, node) -> int | None:
         if isinstance(node, fx.Node) and node in self.space_of:
             return self.find(self.space_of[node])
@@ -269,12 +282,8 @@ class _Analysis:
                 self.spaces[self.find(s)].consumers.append(name)
                 return s
             if s_in is not None:
-                self.add_dim(s_in, prefix + "weight", m.weight, 1, "consumer")
-                self.spaces[s_in].consumers.append(name)
-            s = self.new_space(name, m.out_channels)
-            self.add_dim(s, prefix + "weight", m.weight, 0, "producer")
-            if m.bias is not None:
-                self.add_dim(s, prefix + "bias", m.bias, 0, "producer")
+                self.consume(s_in, name, m)
+            s = self.produce(name, m, m.out_channels)
             if m.groups > 1:
                 self.barrier(s, f"{name} is a grouped conv fed by channels that are not split")
             return s
@@ -284,13 +293,8 @@ class _Analysis:
                 if in_shape is None or len(in_shape) != 2:
                     self.barrier(s_in, f"consumed by Linear {name} on a {len(in_shape or ())}-d tensor")
                 else:
-                    self.add_dim(s_in, prefix + "weight", m.weight, 1, "consumer")
-                    self.spaces[s_in].consumers.append(name)
-            s = self.new_space(name, m.out_features)
-            self.add_dim(s, prefix + "weight", m.weight, 0, "producer")
-            if m.bias is not None:
-                self.add_dim(s, prefix + "bias", m.bias, 0, "producer")
-            return s
+                    self.consume(s_in, name, m)
+            return self.produce(name, m, m.out_features)
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             if s_in is None:
                 return None
