@@ -1,5 +1,6 @@
 """The partition plan: which channel groups are split, with which tensors, and why others are not."""
 import pytest
+import torch
 import torch.nn as nn
 
 from conftest import FAMILIES
@@ -134,15 +135,18 @@ def test_layernorm_and_concat_stay_shared():
             self.ln = nn.GroupNorm(1, 8)  # one group: mixes all channels
             self.c, self.d = nn.Conv2d(8, 8, 1), nn.Conv2d(16, 4, 1)
             self.e, self.f = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 4, 1)
+            self.g, self.fc = nn.Conv2d(3, 6, 1), nn.Linear(6, 4)  # spatial mean then a linear: split
+            self.k, self.fc2 = nn.Conv2d(3, 6, 1), nn.Linear(6 * 64, 4)  # flattened with positions: not
 
         def forward(self, x):
             h = self.b(self.ln(self.a(x)))
             h = self.d(torch.cat([self.c(h), h], 1))
-            return h.mean((2, 3)) + self.f(torch.relu(self.e(x))).mean((2, 3))
+            out = h.mean((2, 3)) + self.f(torch.relu(self.e(x))).mean((2, 3))
+            return out + self.fc(self.g(x).mean((2, 3))) + self.fc2(torch.flatten(self.k(x), 1))
 
-    import torch
     plan = make_plan(Odd(), 2, "all", input_shape=(1, 3, 8, 8))
-    assert [g.name for g in plan.split] == ["e"]
+    assert [g.name for g in plan.split] == ["e", "g"]
     shared = {s.name: s.reasons for s in plan.shared}
     assert any("concatenated" in r for r in shared["b"])
     assert shared["a"] == ["1 indivisible units, fewer than S=2 workers"]
+    assert any("reshaped by flatten" in r for r in shared["k"])

@@ -325,12 +325,12 @@ class _Analysis:
             self.barrier(s_in, f"normalised across channels by {type(m).__name__} {name}")
             return None
         if _is_elementwise_module(m):
-            return self._passthrough(node, s_in, type(m).__name__)
+            return self._passthrough(node, s_in, type(m).__name__, reshape=isinstance(m, nn.Flatten))
         self.barrier(s_in, f"consumed by {type(m).__name__} {name}, which loft_ext does not know")
         return None
 
-    def _passthrough(self, node: fx.Node, s_in: int | None, what: str) -> int | None:
-        """An op applied per channel, possibly reshaping spatial dims: check dim 1 survives."""
+    def _passthrough(self, node: fx.Node, s_in: int | None, what: str, reshape: bool = False) -> int | None:
+        """An op applied per channel (``reshape``: one that may fold dims): check dim 1 survives whole."""
         if s_in is None:
             return None
         in_shape, out_shape = _shape(node.all_input_nodes[0]), _shape(node)
@@ -339,7 +339,7 @@ class _Analysis:
         if len(out_shape) < 2 or in_shape is None or out_shape[1] != in_shape[1]:
             self.barrier(s_in, f"reshaped by {what}")
             return None
-        if len(out_shape) < len(in_shape) and math.prod(in_shape[2:]) != math.prod(out_shape[2:]):
+        if reshape and math.prod(in_shape[2:]) != math.prod(out_shape[2:]):
             self.barrier(s_in, f"flattened with spatial positions by {what}")
             return None
         return s_in
@@ -386,7 +386,7 @@ class _Analysis:
         if (target in _REDUCE_METHODS) if is_method else (target in (torch.mean, torch.sum, torch.amax)):
             return self._passthrough(node, s_first, what)
         if (target in _RESHAPE_OPS) if is_method else (target is torch.flatten):
-            return self._passthrough(node, s_first, what)
+            return self._passthrough(node, s_first, what, reshape=True)
         if not is_method and target in _CAT_FUNCTIONS:
             for a in channel_args:
                 self.barrier(self.space(a), f"concatenated by {what}")
