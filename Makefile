@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 # DeepSpeed is installed without compiled ops; it builds what it needs at run time.
 export DS_BUILD_OPS := 0
 
-.PHONY: install run test test-fast partition-report clean
+.PHONY: install run run-single test test-fast partition-report clean
 
 install: $(STAMP)
 
@@ -23,7 +23,13 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# one process per GPU when there are GPUs, else 2 gloo processes on the CPU (S=2 real workers)
+NPROC ?= $(shell $(PY) -c "import torch; print(torch.cuda.device_count() or 2)" 2>/dev/null || echo 2)
+
 run: $(STAMP)
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) recipes/loft_timm.py $(ARGS)
+
+run-single: $(STAMP)
 	$(PY) recipes/loft_timm.py $(ARGS)
 
 test: $(STAMP)

@@ -120,12 +120,18 @@ def load_dataset(name: str, data_dir: str = "", image_size: int | None = None,
 
 
 class WorkerSampler(Sampler[int]):
-    """Worker ``worker``'s order over a data set of ``n`` samples for the current epoch."""
+    """Worker ``worker``'s order over a data set of ``n`` samples for the current epoch.
 
-    def __init__(self, n: int, worker: int, workers: int, order: str = "own-shuffle", seed: int = 0):
+    With D data-parallel replicas of the worker, replica d takes positions d, d+D, ... of that order,
+    so the replicas of one worker see disjoint samples and together the worker's whole order.
+    """
+
+    def __init__(self, n: int, worker: int, workers: int, order: str = "own-shuffle", seed: int = 0,
+                 replica: int = 0, replicas: int = 1):
         if order not in DATA_ORDERS:
             raise DataError(f"unknown data order {order!r}; choose one of {', '.join(DATA_ORDERS)}")
         self.n, self.worker, self.workers, self.order, self.seed = n, worker, workers, order, seed
+        self.replica, self.replicas = replica, replicas
         self.epoch = 0
         if order == "shard":
             self.shard = torch.randperm(n, generator=_generator(seed, 7919))[worker::workers]
@@ -134,21 +140,26 @@ class WorkerSampler(Sampler[int]):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.shard) if self.order == "shard" else self.n
+        total = len(self.shard) if self.order == "shard" else self.n
+        return len(range(self.replica, total, self.replicas))
 
     def __iter__(self):
         g = _generator(self.seed, self.worker, self.epoch)
         if self.order == "shard":
-            return iter(self.shard[torch.randperm(len(self.shard), generator=g)].tolist())
-        return iter(torch.randperm(self.n, generator=g).tolist())
+            order = self.shard[torch.randperm(len(self.shard), generator=g)]
+        else:
+            order = torch.randperm(self.n, generator=g)
+        return iter(order[self.replica::self.replicas].tolist())
 
 
 class BatchStream:
     """An endless stream of one worker's training batches, epoch after epoch (last partial batch dropped)."""
 
     def __init__(self, dataset: Dataset, batch_size: int, worker: int = 0, workers: int = 1,
-                 order: str = "own-shuffle", seed: int = 0, num_workers: int = 0):
-        self.sampler = WorkerSampler(len(dataset), worker, workers, order, seed)
+                 order: str = "own-shuffle", seed: int = 0, num_workers: int = 0,
+                 replica: int = 0, replicas: int = 1, device: torch.device | str = "cpu"):
+        self.sampler = WorkerSampler(len(dataset), worker, workers, order, seed, replica, replicas)
+        self.device = torch.device(device)
         if len(self.sampler) < batch_size:
             raise DataError(f"worker {worker} holds {len(self.sampler)} training samples, fewer than one "
                             f"batch of {batch_size}; lower --batch_size")
@@ -163,9 +174,10 @@ class BatchStream:
 
     def next(self):
         try:
-            return next(self._it)
+            x, y = next(self._it)
         except StopIteration:
             self.epoch += 1
             self.sampler.set_epoch(self.epoch)
             self._it = iter(self.loader)
-            return next(self._it)
+            x, y = next(self._it)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)

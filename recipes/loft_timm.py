@@ -1,12 +1,18 @@
 #!/usr/bin/env python
 """LoFT pretraining of a timm CNN: S filter workers, L local steps per round.
 
-Default (no flags): resnet18 on scikit-learn's bundled digits, S=2, in one process.
+Default (no flags): resnet18 on scikit-learn's bundled digits, S=2.
+  python recipes/loft_timm.py                      one process, the S workers simulated
+  torchrun --nproc_per_node 2 recipes/loft_timm.py one process per worker (gloo on CPU)
+  accelerate launch recipes/loft_timm.py           one process per GPU (NCCL); on CPU:
+  ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 recipes/loft_timm.py
 Every flag is generated from loft_ext's hparam dataclasses; see docs/usage.md.
 """
 import argparse
 import os
 import sys
+
+import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -26,6 +32,10 @@ def main(argv=None) -> int:
     except (ConfigError, DataError, ModelError, PartitionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        # gloo can abort at interpreter exit if the group outlives the models: tear it down here
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

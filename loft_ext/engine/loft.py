@@ -1,16 +1,21 @@
 """The LoFT engine: the full model, the workers' sub-networks, and one round's load / train / sync.
 
-This module simulates all S workers in one process. The distributed runtime keeps the same worker
-objects (one per process) and swaps :meth:`LoFTEngine.sync` for collectives.
+Without a process grid it simulates all S workers in one process (sync by in-process copies and
+means). With a grid each rank holds one worker and a strategy from :mod:`loft_ext.parallel.sync`
+moves the same values by collectives.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
 
 from ..partition.plan import PartitionPlan
+from ..parallel.comm import Comm
+from ..parallel.grid import FilterGrid
+from ..parallel.sync import STRATEGIES, AllGatherSync, AllToAllSync
 from ..partition.subnet import Partition, Slicer, build_subnet, draw_partition, read_slice, write_slice
 
 OPTIMIZER_STATE_MODES = ("reset", "carry")
@@ -26,12 +31,17 @@ class Worker:
         self.slicer = Slicer(plan, full, self.model, index)
         self.optimizer = make_optimizer(self.model.parameters())
         self.param_names = {p: n for n, p in self.model.named_parameters()}
+        self.grad_sync: Callable[[nn.Module], None] | None = None  # data-parallel replicas
+        self.autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, loss_fn=nn.functional.cross_entropy) -> float:
         self.model.train()
-        loss = loss_fn(self.model(x), y)
+        with self.autocast():
+            loss = loss_fn(self.model(x), y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.grad_sync is not None:
+            self.grad_sync(self.model)
         self.optimizer.step()
         return loss.item()
 
@@ -45,24 +55,42 @@ class LoFTEngine:
     """
 
     def __init__(self, model: nn.Module, plan: PartitionPlan, make_optimizer, seed: int = 0,
-                 optimizer_state: str = "reset"):
+                 optimizer_state: str = "reset", grid: FilterGrid | None = None, comm: Comm | None = None,
+                 strategy: str = "allgather", start_round: int = 0):
         if optimizer_state not in OPTIMIZER_STATE_MODES:
             raise ValueError(f"optimizer_state must be one of {OPTIMIZER_STATE_MODES}, got {optimizer_state!r}")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"sync strategy must be one of {STRATEGIES}, got {strategy!r}")
         self.full = model
         self.plan = plan
         self.seed = seed
         self.optimizer_state = optimizer_state
-        self.workers = [Worker(s, model, plan, make_optimizer) for s in range(plan.workers)]
+        self.grid = grid
+        self.comm = comm or Comm()
+        local = range(plan.workers) if grid is None else [grid.filter_index]
+        self.workers = [Worker(s, model, plan, make_optimizer) for s in local]
         self.partition: Partition | None = None
         self.full_opt_state: dict[str, dict[str, torch.Tensor]] = {}
+        self.strategy = None
+        if grid is not None:
+            if grid.replicas > 1:
+                self.workers[0].grad_sync = self._average_gradients
+            self.strategy = (AllGatherSync(self) if strategy == "allgather"
+                             else AllToAllSync(self, start_round))
+
+    def draw(self, round_index: int) -> Partition:
+        return draw_partition(self.plan, self.seed, round_index)
 
     # ---------------------------------------------------------------------------- round
     def begin_round(self, round_index: int, lr: float | None = None) -> Partition:
-        """Draw the round's partition and load every worker's slices, optimizer state and lr."""
-        self.partition = draw_partition(self.plan, self.seed, round_index)
+        """Draw the round's partition and load every local worker's slices, optimizer state and lr."""
+        self.partition = self.draw(round_index)
+        if self.strategy is not None:
+            self.strategy.load(self.partition)
         for w in self.workers:
-            w.slicer.load(self.partition)
-            self._load_optimizer_state(w)
+            if self.strategy is None:
+                w.slicer.load(self.partition)
+                self.load_optimizer_state(w)
             if lr is not None:
                 for group in w.optimizer.param_groups:
                     group["lr"] = lr
@@ -72,6 +100,10 @@ class LoFTEngine:
     def sync(self) -> None:
         """Write split slices back (disjoint copies) and average everything every worker holds."""
         assert self.partition is not None, "sync() before begin_round()"
+        if self.strategy is not None:
+            with self.comm.phase("sync"):
+                self.strategy.sync(self.partition, self.draw(self.partition.round_index + 1))
+            return
         for w in self.workers:
             w.slicer.write_back(self.partition)
         tensors = self.workers[0].slicer.full_tensors
@@ -81,8 +113,30 @@ class LoFTEngine:
         if self.optimizer_state == "carry":
             self._write_back_optimizer_state()
 
+    def assembled(self) -> nn.Module:
+        """The full model with this round's values (gathered first under ``alltoall``); call
+        :meth:`release` when done with it."""
+        return self.full if self.strategy is None else self.strategy.assemble()
+
+    def release(self) -> None:
+        if self.strategy is not None:
+            self.strategy.release()
+
+    @torch.no_grad()
+    def _average_gradients(self, model: nn.Module) -> None:
+        """Mean of the gradients over the D replicas of this worker (one flat all-reduce per step)."""
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        with self.comm.phase("dp_grad"):
+            self.comm.all_reduce(flat, group=self.grid.data_group)
+        flat.div_(self.grid.replicas)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
     # ---------------------------------------------------------------------------- optimizer state
-    def _load_optimizer_state(self, w: Worker) -> None:
+    def load_optimizer_state(self, w: Worker) -> None:
         if self.optimizer_state == "reset" or not self.full_opt_state:
             w.optimizer.state.clear()
             return

@@ -53,6 +53,7 @@ def evaluate(model: nn.Module, loader: DataLoader, recalibrate: DataLoader | Non
     many training batches first: workers' BN statistics were gathered on partial sums of their
     narrower sub-networks, not on the assembled model's activations. The training model is untouched.
     """
+    device = next(model.parameters()).device
     if recalibrate_batches > 0 and recalibrate is not None:
         model = copy.deepcopy(model)
         bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -63,10 +64,11 @@ def evaluate(model: nn.Module, loader: DataLoader, recalibrate: DataLoader | Non
         for i, (x, _) in enumerate(recalibrate):
             if i >= recalibrate_batches:
                 break
-            model(x)
+            model(x.to(device))
     model.eval()
     total, correct, loss_sum = 0, 0, 0.0
     for x, y in loader:
+        x, y = x.to(device), y.to(device)
         out = model(x)
         loss_sum += F.cross_entropy(out, y, reduction="sum").item()
         correct += (out.argmax(1) == y).sum().item()
@@ -100,6 +102,7 @@ class LoFTLoop:
         self.recalibrate = recalibrate
         self.recalibrate_batches = recalibrate_batches
         self.state = LoopState(worker_losses=[[] for _ in engine.workers])
+        self.local_index = {w.index: i for i, w in enumerate(engine.workers)}
         self.stop = False
 
     def _emit(self, event: str, *args) -> None:
@@ -107,7 +110,24 @@ class LoFTLoop:
             getattr(cb, event)(self, *args)
 
     def evaluate(self) -> dict:
-        return evaluate(self.engine.full, self.test_loader, self.recalibrate, self.recalibrate_batches)
+        """Evaluate the assembled model (every rank does, so every rank holds the same metrics)."""
+        model = self.engine.assembled()
+        try:
+            return evaluate(model, self.test_loader, self.recalibrate, self.recalibrate_batches)
+        finally:
+            self.engine.release()
+
+    def worker_losses(self) -> list[float]:
+        """Mean training loss of every worker since the last epoch end (gathered over the filter group)."""
+        local = [sum(v) / max(len(v), 1) for v in self.state.worker_losses]
+        grid = self.engine.grid
+        if grid is None:
+            return local
+        mine = torch.tensor(local, dtype=torch.float64)
+        out = mine.new_empty(grid.workers)
+        with self.engine.comm.phase("metric"):
+            self.engine.comm.all_gather(out, mine, group=grid.filter_group)
+        return out.tolist()
 
     def fit(self) -> dict:
         self._emit("on_fit_start")
@@ -121,7 +141,7 @@ class LoFTLoop:
                 for step in range(self.local_steps):
                     x, y = self.streams[w.index].next()
                     loss = w.train_step(x, y)
-                    self.state.worker_losses[w.index].append(loss)
+                    self.state.worker_losses[self.local_index[w.index]].append(loss)
                     self._emit("on_local_step_end", w.index, step, loss)
             self.engine.sync()
             self.state.round_index = r + 1
@@ -129,7 +149,7 @@ class LoFTLoop:
             if (r + 1) % self.rounds_per_epoch == 0 or r + 1 == self.rounds or self.stop:
                 self.state.epoch += 1
                 metrics = {"epoch": self.state.epoch, "round": r + 1, "lr": lr,
-                           "worker_loss": [sum(l) / max(len(l), 1) for l in self.state.worker_losses],
+                           "worker_loss": self.worker_losses(),
                            **self.evaluate()}
                 self.state.history.append(metrics)
                 self.state.worker_losses = [[] for _ in self.engine.workers]

@@ -1,6 +1,11 @@
-"""Builds a LoFT pretraining run from hparams and stores it under a directory named by their hash."""
+"""Builds a LoFT pretraining run from hparams and stores it under a directory named by their hash.
+
+Accelerate owns process start, device placement and autocast; the run builds the S x D grid over
+the processes Accelerate started (world size 1: all S workers simulated in this process).
+"""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -9,12 +14,17 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from ..data import DATA_ORDERS, DATASETS, BatchStream, DataError, load_dataset
 from ..hparams import Hparams, field, hparams_hash
 from ..models import create_model
+from ..parallel import analytic
+from ..parallel.grid import GridError, build_grid, check_world
+from ..parallel.sync import STRATEGIES
 from ..partition.plan import PRESETS, make_plan
+from ..partition.subnet import tensors_of
 from .loft import OPTIMIZER_STATE_MODES, LoFTEngine
 from .loop import Callback, LoFTLoop, lr_at
 
@@ -53,6 +63,9 @@ class LoftHparams(Hparams):
     local_steps: int = field(4, "L: local steps per worker between two syncs (one round)")
     optimizer_state: str = field("reset", "reset: momentum cleared each round (paper); carry: kept in a "
                                  "full-size buffer sliced like the weights", OPTIMIZER_STATE_MODES)
+    sync: str = field("allgather", "distributed sync: allgather (every rank keeps the full model) or "
+                      "alltoall (ranks keep only their part and exchange what the next round needs)",
+                      STRATEGIES)
 
 
 @dataclass
@@ -75,10 +88,14 @@ class TrainHparams(Hparams):
 
 @dataclass
 class OutputHparams(Hparams):
-    """Output"""
+    """Output and runtime"""
 
     output_dir: str = field("runs", "runs are stored in <output_dir>/<model>-<hash of hparams>/")
     force: bool = field(False, "retrain a run that already finished (the old directory is kept, renamed)")
+    mixed_precision: str = field("no", "autocast for the workers' forward passes (bf16 on GPU)", ("no", "bf16"))
+    cpu: bool = field(False, "run on CPU even when GPUs are present (gloo instead of NCCL)")
+    debug_hashes: bool = field(False, "write a hash of the assembled model after every round (and of each "
+                               "rank's sub-network after every step) to hashes-rank<r>.jsonl")
 
 
 HPARAM_CLASSES = (ModelHparams, DataHparams, LoftHparams, TrainHparams, OutputHparams)
@@ -154,60 +171,180 @@ def prepare_run_dir(output_dir: str, name: str, force: bool) -> tuple[str, bool]
     return run_dir, done
 
 
+def model_hash(model: torch.nn.Module, params_only: bool = False) -> str:
+    """sha256 of every parameter (and buffer), in state_dict order (a debug check of rank consistency)."""
+    h = hashlib.sha256()
+    tensors = dict(model.named_parameters()) if params_only else tensors_of(model)
+    for name, t in tensors.items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class DebugHashes(Callback):
+    """Appends the assembled model's hash after every sync, and the sub-network's parameters' hash
+    after every step (replicas share parameters at every step; their BN statistics meet at the sync)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.file = open(path, "w")
+
+    def on_local_step_end(self, loop, worker, step, loss):
+        sub = loop.engine.workers[loop.local_index[worker]].model
+        self.file.write(json.dumps({"round": loop.state.round_index, "worker": worker, "step": step,
+                                    "subnet": model_hash(sub, params_only=True)}) + "\n")
+
+    def on_sync_end(self, loop, round_index):
+        model = loop.engine.assembled()
+        self.file.write(json.dumps({"round": round_index, "assembled": model_hash(model)}) + "\n")
+        loop.engine.release()
+        self.file.flush()
+
+    def on_fit_end(self, loop, metrics):
+        self.file.close()
+
+
+def _start_accelerator(out_hp: OutputHparams):
+    from accelerate import Accelerator
+
+    cpu = out_hp.cpu or not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=cpu, mixed_precision=out_hp.mixed_precision)
+    expected = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != expected:
+        raise ConfigError(
+            f"WORLD_SIZE={expected} but Accelerate started {accelerator.num_processes} process(es) with no "
+            "common process group; on CPU launch with `torchrun --nproc_per_node N` or "
+            "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N`")
+    return accelerator
+
+
+def communication_report(engine: LoFTEngine, model, rounds: int, steps: int, elem: int) -> dict:
+    """Measured bytes per phase next to the analytic count for the same run and strategy."""
+    grid, plan = engine.grid, engine.plan
+    copies = 1 if engine.optimizer_state == "carry" else 0  # SGD momentum: one state tensor per param
+    worker = grid.filter_index
+    if engine.strategy.__class__.__name__ == "AllGatherSync":
+        sync_sent = sync_recv = analytic.allgather_round_bytes(model, plan, grid.world_size, elem, copies) * rounds
+    else:
+        sync_sent = sync_recv = 0.0
+        for r in range(rounds):
+            sent, recv = analytic.alltoall_round_bytes(model, plan, engine.draw(r), engine.draw(r + 1), worker,
+                                                       grid.world_size, elem, copies)
+            sync_sent, sync_recv = sync_sent + sent, sync_recv + recv
+    replica = analytic.replica_round_bytes(model, plan, worker, grid.replicas, elem) * rounds
+    measured = engine.comm.totals()
+    return {
+        "rank": grid.rank, "worker": worker, "replica": grid.data_index, "workers": grid.workers,
+        "replicas": grid.replicas, "strategy": engine.strategy.__class__.__name__, "rounds": rounds,
+        "measured": measured,
+        "analytic": {"sync": {"bytes_sent": sync_sent + replica, "bytes_received": sync_recv + replica},
+                     "dp_grad": {"bytes_sent": analytic.dp_grad_step_bytes(model, plan, worker, grid.replicas,
+                                                                           elem) * steps}},
+    }
+
+
 def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHparams,
                  train_hp: TrainHparams, out_hp: OutputHparams, print_fn=print) -> dict:
-    """LoFT pretraining with S simulated workers; returns the final metrics (also in summary.json)."""
+    """LoFT pretraining; returns the final metrics (also in summary.json)."""
     validate(model_hp, data_hp, loft_hp, train_hp)
+    accelerator = _start_accelerator(out_hp)
+    world, main = accelerator.num_processes, accelerator.is_main_process
+    try:
+        replicas = check_world(world, loft_hp.workers) if world > 1 else 1
+    except GridError as exc:
+        raise ConfigError(str(exc)) from None
+    say = print_fn if main else (lambda *a, **k: None)
     data = load_dataset(data_hp.dataset, data_hp.data_dir, data_hp.image_size or None, data_hp.augment)
     # everything that can refuse the run happens before the run directory is touched
     torch.manual_seed(train_hp.seed)
     model = create_model(model_hp.model, data.num_classes, data.in_chans)
     input_shape = (1, data.in_chans, data.image_size, data.image_size)
     plan = make_plan(model, loft_hp.workers, model_hp.preset, input_shape, model_hp.model)
-    name = f"{model_hp.model}-{hparams_hash(model_hp, data_hp, loft_hp, train_hp)}"
-    run_dir, done = prepare_run_dir(out_hp.output_dir, name, out_hp.force)
+    # S simulated workers and S processes give the same run; D replicas change the batch, so D is named
+    run_id = hparams_hash(model_hp, data_hp, loft_hp, train_hp)
+    if replicas > 1:
+        run_id = hashlib.sha256(f"{run_id}-replicas{replicas}".encode()).hexdigest()[:12]
+    name = f"{model_hp.model}-{run_id}"
+    if main:
+        run_dir, done = prepare_run_dir(out_hp.output_dir, name, out_hp.force)
+    grid = build_grid(loft_hp.workers) if world > 1 else None
+    if grid is not None:
+        dist.barrier()  # the main process has prepared (or moved) the run directory
+    run_dir = os.path.join(out_hp.output_dir, name)
+    done = os.path.exists(os.path.join(run_dir, "summary.json"))
     if done:
         with open(os.path.join(run_dir, "summary.json")) as f:
             summary = json.load(f)
-        print_fn(f"run {run_dir} already finished (test acc {100 * summary['test_acc']:.2f}%); "
-                 "pass --force to train it again")
+        say(f"run {run_dir} already finished (test acc {100 * summary['test_acc']:.2f}%); "
+            "pass --force to train it again")
         return summary
+
+    device = accelerator.device
+    model.to(device)
+    full_params = sum(p.numel() for p in model.parameters())  # before alltoall frees the split tensors
+    fractions = " ".join(f"{plan.worker_numel(model, s) / full_params:.3f}" for s in range(plan.workers))
+    elem = next(model.parameters()).element_size()
 
     def make_optimizer(params):
         return torch.optim.SGD(params, lr=train_hp.lr, momentum=train_hp.momentum,
                                weight_decay=train_hp.weight_decay)
 
-    engine = LoFTEngine(model, plan, make_optimizer, train_hp.seed, loft_hp.optimizer_state)
-    streams = [BatchStream(data.train, data_hp.batch_size, s, loft_hp.workers, data_hp.data_order,
-                           train_hp.seed) for s in range(loft_hp.workers)]
-    rounds_per_epoch = max(1, math.ceil(streams[0].steps_per_epoch / loft_hp.local_steps))
+    engine = LoFTEngine(model, plan, make_optimizer, train_hp.seed, loft_hp.optimizer_state,
+                        grid=grid, strategy=loft_hp.sync)
+    for w in engine.workers:
+        w.autocast = accelerator.autocast
+    d_index = grid.data_index if grid else 0
+    streams = {w.index: BatchStream(data.train, data_hp.batch_size, w.index, loft_hp.workers,
+                                    data_hp.data_order, train_hp.seed, replica=d_index, replicas=replicas,
+                                    device=device) for w in engine.workers}
+    steps_per_epoch = next(iter(streams.values())).steps_per_epoch
+    rounds_per_epoch = max(1, math.ceil(steps_per_epoch / loft_hp.local_steps))
     rounds = train_hp.rounds or train_hp.epochs * rounds_per_epoch
     test_loader = DataLoader(data.test, batch_size=data_hp.eval_batch_size)
     recal_loader = DataLoader(data.train, batch_size=data_hp.batch_size, shuffle=True,
                               generator=torch.Generator().manual_seed(train_hp.seed))
 
-    full_params = sum(p.numel() for p in model.parameters())
-    fractions = " ".join(f"{plan.worker_numel(model, s) / full_params:.3f}" for s in range(plan.workers))
-    print_fn(f"{model_hp.model} on {data.name}: {full_params / 1e6:.2f}M params; "
-             f"{len(plan.split)} split groups ({model_hp.preset}); per-worker parameter fraction {fractions}; "
-             f"S={loft_hp.workers} L={loft_hp.local_steps} rounds={rounds} ({rounds_per_epoch}/epoch); "
-             f"run dir {run_dir}", flush=True)
-    with open(os.path.join(run_dir, "hparams.json"), "w") as f:
-        json.dump({type(h).__name__: h.to_dict() for h in (model_hp, data_hp, loft_hp, train_hp)}, f,
-                  indent=1, default=list)
-    with open(os.path.join(run_dir, "plan.json"), "w") as f:
-        f.write(plan.to_json())
+    where = (f"{world} processes = S={loft_hp.workers} x D={replicas} ({loft_hp.sync}, "
+             f"{dist.get_backend()})" if grid else "1 process, workers simulated")
+    say(f"{model_hp.model} on {data.name}: {full_params / 1e6:.2f}M params; {len(plan.split)} split groups "
+        f"({model_hp.preset}); per-worker parameter fraction {fractions}; S={loft_hp.workers} "
+        f"L={loft_hp.local_steps} rounds={rounds} ({rounds_per_epoch}/epoch); {where}; run dir {run_dir}",
+        flush=True)
+    callbacks: list[Callback] = []
+    if main:
+        with open(os.path.join(run_dir, "hparams.json"), "w") as f:
+            json.dump({type(h).__name__: h.to_dict() for h in (model_hp, data_hp, loft_hp, train_hp)}, f,
+                      indent=1, default=list)
+        with open(os.path.join(run_dir, "plan.json"), "w") as f:
+            f.write(plan.to_json())
+        callbacks += [PrintProgress(print_fn), JsonlMetrics(os.path.join(run_dir, "metrics.jsonl"))]
+    if out_hp.debug_hashes:
+        callbacks.append(DebugHashes(os.path.join(run_dir, f"hashes-rank{grid.rank if grid else 0}.jsonl")))
 
-    loop = LoFTLoop(engine, streams, test_loader, rounds, loft_hp.local_steps,
+    loop = LoFTLoop(engine, [streams[s] if s in streams else None for s in range(loft_hp.workers)],
+                    test_loader, rounds, loft_hp.local_steps,
                     lambda r: lr_at(r, rounds, train_hp.lr, train_hp.lr_schedule,
                                     train_hp.lr_milestones, train_hp.lr_gamma),
-                    callbacks=[PrintProgress(print_fn), JsonlMetrics(os.path.join(run_dir, "metrics.jsonl"))],
-                    rounds_per_epoch=rounds_per_epoch, recalibrate=recal_loader,
+                    callbacks=callbacks, rounds_per_epoch=rounds_per_epoch, recalibrate=recal_loader,
                     recalibrate_batches=train_hp.bn_recalibration_batches)
     metrics = loop.fit()
-    torch.save(model.state_dict(), os.path.join(run_dir, "model.pt"))
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(metrics, f, indent=1)
+    final = engine.assembled()
+    if grid is not None:
+        report = communication_report(engine, model, loop.state.round_index,
+                                      loop.state.round_index * loft_hp.local_steps, elem)
+        with open(os.path.join(run_dir, f"comm-rank{grid.rank}.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        m, a = report["measured"].get("sync", {}), report["analytic"]["sync"]
+        say(f"communication per rank (rank 0), sync: measured {m.get('bytes_sent', 0) / 2**20:.2f} MiB sent "
+            f"in {m.get('calls', 0)} calls, analytic {a['bytes_sent'] / 2**20:.2f} MiB; all phases in "
+            f"{run_dir}/comm-rank*.json", flush=True)
+    if main:
+        torch.save(final.state_dict(), os.path.join(run_dir, "model.pt"))
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(metrics, f, indent=1)
+    engine.release()
+    if grid is not None:
+        dist.barrier()  # nobody exits (and tears the group down) while another rank still reads
     return metrics
 
 

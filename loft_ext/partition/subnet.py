@@ -47,8 +47,8 @@ def draw_partition(plan: PartitionPlan, seed: int, round_index: int) -> Partitio
     return Partition(round_index, units)
 
 
-def _indices(plan: PartitionPlan, part: Partition, name: str, shape, worker: int):
-    """[(dim, index tensor)] for every split dim of tensor ``name``."""
+def slice_indices(plan: PartitionPlan, part: Partition, name: str, shape, worker: int):
+    """[(dim, index tensor)] for every split dim of tensor ``name`` (full ``shape``) held by ``worker``."""
     out = []
     for dim, gi in plan.tensor_dims.get(name, ()):
         g = plan.split[gi]
@@ -136,7 +136,7 @@ class Slicer:
         self.shared_names = [n for n in self.full_tensors if n not in plan.tensor_dims]
 
     def indices(self, part: Partition, name: str):
-        return _indices(self.plan, part, name, self.full_tensors[name].shape, self.worker)
+        return slice_indices(self.plan, part, name, self.full_tensors[name].shape, self.worker)
 
     @torch.no_grad()
     def load(self, part: Partition) -> None:

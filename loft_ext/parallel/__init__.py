@@ -1,0 +1,1 @@
+"""Distributed LoFT: the process grid, counted collectives, sync strategies."""

@@ -1,0 +1,300 @@
+"""Sync strategies of distributed LoFT: one local worker per rank, values moved by peer collectives.
+
+Both strategies produce the same values as the in-process simulation; only the routes differ.
+
+- ``allgather``: every rank keeps the full model. At the end of a round the workers' split slices are
+  all-gathered over the filter group (one padded buffer) and every rank writes every worker's slices
+  into its own full model.
+- ``alltoall``: no rank keeps a full model. Every rank stores, for each split tensor, the *slab* of
+  entries whose first split dim belongs to it this round (whole rows: for a tensor split on two dims,
+  such as a Bottleneck's 3x3 conv, the cross blocks nobody trains are stored by the row owner). The next
+  round's partition is known from the seed, so at the end of a round each rank sends every other rank
+  exactly the slab rows that rank owns next round, in one all_to_all over the filter group. The full
+  model is assembled only on demand (one all_gather of slabs, counted as ``assemble``).
+
+Shared tensors (weights every worker holds, BN statistics of shared channels) are all-reduced (mean)
+over the whole grid. With D > 1 replicas, statistics of split channels are first averaged over the data
+group. With ``optimizer_state=carry`` the optimizer's per-entry state travels with its parameter.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from ..partition.subnet import Partition, read_slice, slice_indices, write_slice
+
+STRATEGIES = ("allgather", "alltoall")
+
+
+def _pack(tensors: list[torch.Tensor], length: int | None = None) -> torch.Tensor:
+    flat = torch.cat([t.reshape(-1) for t in tensors]) if tensors else torch.zeros(0)
+    if length is not None and flat.numel() < length:
+        flat = torch.cat([flat, flat.new_zeros(length - flat.numel())])
+    return flat
+
+
+def _unpack(flat: torch.Tensor, shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+    out, offset = [], 0
+    for shape in shapes:
+        n = math.prod(shape)
+        out.append(flat[offset:offset + n].view(shape))
+        offset += n
+    return out
+
+
+class _Strategy:
+    """What both strategies share: the local worker, items to move, shared averaging."""
+
+    def __init__(self, engine):
+        self.e = engine
+        self.w = engine.workers[0]
+        self.plan, self.grid, self.comm = engine.plan, engine.grid, engine.comm
+        self.full_shapes = {n: tuple(t.shape) for n, t in self.w.slicer.full_tensors.items()}
+        dtypes = {t.dtype for t in self.w.slicer.sub_tensors.values() if t.is_floating_point()}
+        if len(dtypes) > 1:
+            raise ValueError(f"loft_ext syncs one floating dtype per model; this one mixes {sorted(map(str, dtypes))}:"
+                             " keep parameters in fp32 and use autocast for bf16/fp16")
+
+    # items: (tensor name, "" for the tensor itself or an optimizer-state key) ------------------
+    def items(self, split: bool, state: bool = True) -> list[tuple[str, str]]:
+        names = self.w.slicer.split_names if split else self.w.slicer.shared_names
+        out = []
+        for name in names:
+            t = self.w.slicer.sub_tensors[name]
+            if not t.is_floating_point():
+                continue
+            out.append((name, ""))
+            if state and self.e.optimizer_state == "carry" and isinstance(t, nn.Parameter):
+                for key, v in self.w.optimizer.state.get(t, {}).items():
+                    if torch.is_tensor(v) and v.dim() > 0 and v.shape == t.shape:
+                        out.append((name, key))
+        return out
+
+    def sub_item(self, name: str, key: str) -> torch.Tensor:
+        t = self.w.slicer.sub_tensors[name]
+        return t if not key else self.w.optimizer.state[t][key]
+
+    def average_split_buffers_over_replicas(self) -> None:
+        """D replicas hold identical weights but saw different batches: average their BN statistics."""
+        if self.grid.replicas == 1:
+            return
+        bufs = [self.w.slicer.sub_tensors[n] for n, _ in self.items(split=True, state=False)
+                if not isinstance(self.w.slicer.sub_tensors[n], nn.Parameter)]
+        if bufs:
+            flat = _pack(bufs)
+            self.comm.all_reduce(flat, group=self.grid.data_group)
+            flat.div_(self.grid.replicas)
+            for b, v in zip(bufs, _unpack(flat, [tuple(b.shape) for b in bufs])):
+                b.copy_(v)
+
+    def average_shared(self) -> list[tuple[tuple[str, str], torch.Tensor]]:
+        """All-reduce (mean) of every shared floating tensor over the whole grid; returns the means."""
+        items = self.items(split=False)
+        tensors = [self.sub_item(*it) for it in items]
+        flat = _pack(tensors)
+        self.comm.all_reduce(flat, group=None)
+        if self.grid.world_size > 1:
+            flat.div_(self.grid.world_size)
+        return list(zip(items, _unpack(flat, [tuple(t.shape) for t in tensors])))
+
+    def keep_scalar_state(self) -> None:
+        """Optimizer state that is not per entry (Adam's step) is equal on every worker: keep ours."""
+        if self.e.optimizer_state != "carry":
+            return
+        for p, name in self.w.param_names.items():
+            for key, v in self.w.optimizer.state.get(p, {}).items():
+                if torch.is_tensor(v) and (v.dim() == 0 or v.shape != p.shape):
+                    self.e.full_opt_state.setdefault(name, {})[key] = v.clone()
+
+
+class AllGatherSync(_Strategy):
+    """Every rank keeps the full model; split slices are all-gathered over the filter group."""
+
+    def load(self, part: Partition) -> None:
+        self.w.slicer.load(part)
+        self.e.load_optimizer_state(self.w)
+
+    def full_item(self, name: str, key: str) -> torch.Tensor:
+        if not key:
+            return self.w.slicer.full_tensors[name]
+        state = self.e.full_opt_state.setdefault(name, {})
+        if key not in state:
+            state[key] = torch.zeros(self.full_shapes[name], dtype=self.sub_item(name, key).dtype,
+                                     device=self.sub_item(name, key).device)
+        return state[key]
+
+    @torch.no_grad()
+    def sync(self, part: Partition, next_part: Partition) -> None:
+        self.average_split_buffers_over_replicas()
+        S = self.plan.workers
+        items = self.items(split=True)
+        shapes = [[self.plan.sub_shape(n, self.full_shapes[n], t) for n, _ in items] for t in range(S)]
+        sizes = [sum(math.prod(s) for s in shapes[t]) for t in range(S)]
+        longest = max(sizes)
+        mine = _pack([self.sub_item(*it) for it in items], longest)
+        gathered = mine.new_empty(S * longest)
+        self.comm.all_gather(gathered, mine, group=self.grid.filter_group)
+        for t in range(S):
+            pieces = _unpack(gathered[t * longest:t * longest + sizes[t]], shapes[t])
+            for (name, key), piece in zip(items, pieces):
+                idx = slice_indices(self.plan, part, name, self.full_shapes[name], t)
+                write_slice(self.full_item(name, key), piece, idx)
+        for (name, key), mean in self.average_shared():
+            self.full_item(name, key).copy_(mean)
+        for name in self.w.slicer.shared_names:  # integer counters: equal everywhere
+            full = self.w.slicer.full_tensors[name]
+            if not full.is_floating_point():
+                full.copy_(self.w.slicer.sub_tensors[name])
+        self.keep_scalar_state()
+
+    def assemble(self) -> nn.Module:
+        return self.e.full
+
+    def release(self) -> None:
+        pass
+
+
+class AllToAllSync(_Strategy):
+    """No rank keeps a full model: each stores its slabs and sends peers what they own next round."""
+
+    def __init__(self, engine, start_round: int = 0):
+        super().__init__(engine)
+        self.owner = engine.draw(start_round)   # the partition the slabs are laid out for
+        self.slabs: dict[tuple[str, str], torch.Tensor] = {}
+        with torch.no_grad():
+            for name in self.w.slicer.split_names:
+                full = self.w.slicer.full_tensors[name]
+                if full.is_floating_point():
+                    self.slabs[(name, "")] = read_slice(full, self._own_idx(self.owner, name)[:1]).clone()
+        self.w.slicer.load(self.owner)  # shared tensors live in the sub-network from now on
+        self.release()
+
+    def _own_idx(self, part: Partition, name: str, worker: int | None = None):
+        worker = self.w.index if worker is None else worker
+        return slice_indices(self.plan, part, name, self.full_shapes[name], worker)
+
+    def _slab(self, name: str, key: str) -> torch.Tensor:
+        if (name, key) not in self.slabs:  # optimizer state appears after the first step
+            shape = list(self.full_shapes[name])
+            d0, ix = self._own_idx(self.owner, name)[0]
+            shape[d0] = len(ix)
+            ref = self.sub_item(name, key)
+            self.slabs[(name, key)] = torch.zeros(shape, dtype=ref.dtype, device=ref.device)
+        return self.slabs[(name, key)]
+
+    @torch.no_grad()
+    def load(self, part: Partition) -> None:
+        assert part.round_index == self.owner.round_index, "alltoall slabs are laid out for another round"
+        reset = self.e.optimizer_state == "reset"
+        if reset:
+            self.w.optimizer.state.clear()
+        for (name, key), slab in self.slabs.items():
+            rest = self._own_idx(part, name)[1:]
+            if key:
+                if reset:
+                    continue
+                p = self.w.slicer.sub_tensors[name]
+                self.w.optimizer.state[p][key] = read_slice(slab, rest).clone()
+            else:
+                self.w.slicer.sub_tensors[name].copy_(read_slice(slab, rest))
+        if not reset:
+            for p, name in self.w.param_names.items():
+                for key, v in self.e.full_opt_state.get(name, {}).items():
+                    self.w.optimizer.state[p][key] = v.clone()
+
+    def _rows(self, name: str, units: torch.Tensor, among: torch.Tensor) -> torch.Tensor:
+        """Positions along the first split dim, inside a slab laid out for ``among``, of ``units``."""
+        (d0, gi), = self.plan.tensor_dims[name][:1]
+        k = self.full_shapes[name][d0] // self.plan.split[gi].units
+        pos = torch.searchsorted(among, units)
+        return (pos[:, None] * k + torch.arange(k)).reshape(-1)
+
+    @torch.no_grad()
+    def sync(self, part: Partition, next_part: Partition) -> None:
+        self.average_split_buffers_over_replicas()
+        items = self.items(split=True)
+        for name, key in items:  # the trained block goes back into our slab
+            write_slice(self._slab(name, key), self.sub_item(name, key), self._own_idx(part, name)[1:])
+        S, me = self.plan.workers, self.w.index
+        send, out_counts, recv_layout = [[] for _ in range(S)], [0] * S, []
+        for name, key in items:
+            d0, gi = self.plan.tensor_dims[name][0]
+            now = part.units[gi][me]
+            slab = self.slabs[(name, key)]
+            for t in range(S):
+                rows = self._rows(name, now[torch.isin(now, next_part.units[gi][t])], now)
+                send[t].append(slab.index_select(d0, rows))
+            nxt = next_part.units[gi][me]
+            for t in range(S):
+                got = part.units[gi][t][torch.isin(part.units[gi][t], nxt)]
+                shape = list(slab.shape)
+                shape[d0] = len(self._rows(name, got, nxt))
+                recv_layout.append((name, key, t, got, tuple(shape)))
+                out_counts[t] += math.prod(shape)
+        in_counts = [sum(x.numel() for x in send[t]) for t in range(S)]
+        flat_in = _pack([x for t in range(S) for x in send[t]])
+        flat_out = flat_in.new_empty(sum(out_counts))
+        self.comm.all_to_all(flat_out, flat_in, out_counts, in_counts, group=self.grid.filter_group)
+        # received pieces arrive grouped by source rank, in item order within each source
+        by_source = {t: [] for t in range(S)}
+        for entry in recv_layout:
+            by_source[entry[2]].append(entry)
+        ordered = [e for t in range(S) for e in by_source[t]]
+        pieces = _unpack(flat_out, [e[4] for e in ordered])
+        new_slabs = {}
+        for (name, key, t, got, shape), piece in zip(ordered, pieces):
+            d0, gi = self.plan.tensor_dims[name][0]
+            nxt = next_part.units[gi][me]
+            if (name, key) not in new_slabs:
+                full_shape = list(self.slabs[(name, key)].shape)
+                full_shape[d0] = len(self._rows(name, nxt, nxt))
+                new_slabs[(name, key)] = piece.new_empty(full_shape)
+            new_slabs[(name, key)].index_copy_(d0, self._rows(name, got, nxt), piece)
+        self.slabs.update(new_slabs)
+        self.owner = next_part
+        for (name, key), mean in self.average_shared():
+            self.sub_item(name, key).copy_(mean)
+            if key:
+                self.e.full_opt_state.setdefault(name, {})[key] = mean.clone()
+        self.keep_scalar_state()
+
+    @torch.no_grad()
+    def assemble(self) -> nn.Module:
+        """Gather every rank's slabs into this rank's full model (counted as ``assemble``)."""
+        S = self.plan.workers
+        names = [n for (n, k) in self.slabs if not k]
+        shapes = []
+        for t in range(S):
+            row = []
+            for n in names:
+                d0, ix = self._own_idx(self.owner, n, t)[0]
+                shape = list(self.full_shapes[n])
+                shape[d0] = len(ix)
+                row.append(tuple(shape))
+            shapes.append(row)
+        sizes = [sum(math.prod(s) for s in row) for row in shapes]
+        longest = max(sizes)
+        mine = _pack([self.slabs[(n, "")] for n in names], longest)
+        gathered = mine.new_empty(S * longest)
+        with self.comm.phase("assemble"):
+            self.comm.all_gather(gathered, mine, group=self.grid.filter_group)
+        full = self.w.slicer.full_tensors
+        for n in names:
+            full[n].data = torch.empty(self.full_shapes[n], dtype=mine.dtype, device=mine.device)
+        for t in range(S):
+            for n, piece in zip(names, _unpack(gathered[t * longest:t * longest + sizes[t]], shapes[t])):
+                d0, ix = self._own_idx(self.owner, n, t)[0]
+                full[n].index_copy_(d0, ix, piece)
+        for n in self.w.slicer.shared_names:
+            full[n].copy_(self.w.slicer.sub_tensors[n])
+        for n in self.w.slicer.split_names:  # integer split buffers do not exist in timm CNNs
+            assert full[n].numel() > 0, n
+        return self.e.full
+
+    def release(self) -> None:
+        """Free the full model's split tensors again (a worker keeps only its sub-network and slabs)."""
+        for n in self.w.slicer.split_names:
+            t = self.w.slicer.full_tensors[n]
+            t.data = torch.empty(0, dtype=t.dtype, device=t.device)

@@ -1,0 +1,134 @@
+"""Distributed LoFT on real gloo processes launched by torchrun and accelerate launch.
+
+Each launch runs recipes/loft_timm.py; the debug mode writes the assembled model's hash after every
+round (and each rank's sub-network hash after every step), and every rank writes its measured and
+analytic communication.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPE = os.path.join(ROOT, "recipes", "loft_timm.py")
+BIN = os.path.dirname(sys.executable)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
+       "PYTHONUNBUFFERED": "1"}
+FAST = ["--rounds", "3", "--local_steps", "2", "--batch_size", "32", "--bn_recalibration_batches", "1",
+        "--preset", "all", "--debug_hashes"]
+
+pytestmark = pytest.mark.slow
+
+
+def _launch(launcher, nproc, args, out):
+    if launcher == "torchrun":
+        cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", str(nproc), RECIPE]
+        env = ENV
+    elif launcher == "accelerate":
+        cmd = [os.path.join(BIN, "accelerate"), "launch", "--multi_gpu", "--num_processes", str(nproc),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", RECIPE]
+        env = {**ENV, "ACCELERATE_USE_CPU": "1"}
+    else:
+        cmd, env = [sys.executable, RECIPE], ENV
+    proc = subprocess.run(cmd + args + ["--output_dir", str(out)], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=600)
+    return proc
+
+
+def _run_dir(out):
+    (d,) = [p for p in out.iterdir() if p.is_dir()]
+    return d
+
+
+def _assembled(run_dir, rank=0):
+    lines = [json.loads(x) for x in (run_dir / f"hashes-rank{rank}.jsonl").read_text().splitlines()]
+    return [x["assembled"] for x in lines if "assembled" in x]
+
+
+def _comm(run_dir, rank):
+    return json.loads((run_dir / f"comm-rank{rank}.json").read_text())
+
+
+def _check_counts(report):
+    measured, analytic = report["measured"]["sync"], report["analytic"]["sync"]
+    for key in ("bytes_sent", "bytes_received"):
+        assert abs(measured[key] - analytic[key]) <= 0.01 * analytic[key], (key, measured, analytic)
+    return measured["bytes_sent"]
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sim")
+    proc = _launch("python", 1, FAST, out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 process, workers simulated" in proc.stdout
+    return _assembled(_run_dir(out))
+
+
+@pytest.mark.parametrize("strategy", ["allgather", "alltoall"])
+def test_two_processes_equal_the_simulation_bit_for_bit(tmp_path, simulated, strategy):
+    proc = _launch("torchrun", 2, FAST + ["--sync", strategy], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"2 processes = S=2 x D=1 ({strategy}, gloo)" in proc.stdout
+    run_dir = _run_dir(tmp_path)
+    # S=2: the mean of two values is the same whichever rank adds first, so bit-identical
+    assert _assembled(run_dir, 0) == _assembled(run_dir, 1) == simulated
+    assert len(simulated) == 3
+    for rank in (0, 1):
+        _check_counts(_comm(run_dir, rank))
+
+
+def test_four_workers_alltoall_moves_under_a_third_of_allgather(tmp_path):
+    sent, hashes = {}, {}
+    for strategy in ("allgather", "alltoall"):
+        out = tmp_path / strategy
+        proc = _launch("torchrun", 4, FAST + ["--workers", "4", "--sync", strategy, "--rounds", "2"], out)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        run_dir = _run_dir(out)
+        sent[strategy] = [_check_counts(_comm(run_dir, r)) for r in range(4)]
+        hashes[strategy] = [_assembled(run_dir, r) for r in range(4)]
+        assert all(h == hashes[strategy][0] for h in hashes[strategy])  # every rank, every round
+    # same assembled model after every round, by a different route
+    assert hashes["allgather"][0] == hashes["alltoall"][0]
+    ratio = max(sent["alltoall"]) / min(sent["allgather"])
+    assert ratio <= 0.3, ratio
+
+
+def test_replicas_stay_identical_and_workers_differ(tmp_path):
+    proc = _launch("torchrun", 4, FAST + ["--workers", "2", "--rounds", "2"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "4 processes = S=2 x D=2" in proc.stdout
+    run_dir = _run_dir(tmp_path)
+
+    def steps(rank):
+        lines = [json.loads(x) for x in (run_dir / f"hashes-rank{rank}.jsonl").read_text().splitlines()]
+        return [x["subnet"] for x in lines if "subnet" in x]
+
+    # ranks 0 and 2 are worker 0's replicas, 1 and 3 worker 1's (rank = d * S + s)
+    assert steps(0) == steps(2) and steps(1) == steps(3)
+    assert len(steps(0)) == 4
+    assert all(a != b for a, b in zip(steps(0), steps(1)))
+    assert _assembled(run_dir, 0) == _assembled(run_dir, 3)
+    report = _comm(run_dir, 0)
+    _check_counts(report)
+    dp = report["measured"]["dp_grad"]
+    assert dp["calls"] == 4 and dp["bytes_sent"] == pytest.approx(report["analytic"]["dp_grad"]["bytes_sent"])
+
+
+def test_accelerate_launch_trains(tmp_path):
+    args = ["--epochs", "2", "--local_steps", "4", "--bn_recalibration_batches", "2"]
+    proc = _launch("accelerate", 2, args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 processes = S=2 x D=1 (allgather, gloo)" in proc.stdout
+    metrics = [json.loads(x) for x in (_run_dir(tmp_path) / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2
+    assert max(metrics[1]["worker_loss"]) < min(metrics[0]["worker_loss"])
+    assert metrics[1]["test_acc"] > 0.8
+
+
+def test_world_size_not_a_multiple_of_s_is_refused(tmp_path):
+    proc = _launch("torchrun", 2, ["--workers", "3"], tmp_path)
+    assert proc.returncode != 0
+    assert "world size 2 is not a multiple of S=3" in proc.stderr
