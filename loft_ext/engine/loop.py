@@ -1,8 +1,9 @@
-"""A minimal LoFT training loop whose behaviour changes only through callbacks.
+"""A minimal LoFT training loop whose behaviour changes only through plugins.
 
-Per round: lr from the schedule -> ``begin_round`` (partition drawn, slices loaded) -> each worker
-trains L local steps on its own batches -> ``sync`` -> evaluation at epoch ends. Logging, metrics and
-(later) detectors and pruning are callbacks.
+Per round: lr from the schedule -> ``begin_round`` (partition drawn, slices loaded) -> each local
+worker trains L local steps on its own batches -> ``sync`` -> plugins see the assembled model if they
+asked for it -> evaluation at epoch ends. Progress, metrics, distances and detectors are plugins
+(:mod:`loft_ext.plugins`); every number goes through a :class:`loft_ext.tracking.RunLogger`.
 """
 from __future__ import annotations
 
@@ -11,23 +12,14 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from ..plugins.base import Plugin
+from ..tracking import RunLogger
 from .loft import LoFTEngine
-
-
-class Callback:
-    """Training-loop events, called in this order: fit_start, (round_start, local_step_end*,
-    sync_end, [epoch_end])*, fit_end. ``loop.stop = True`` ends pretraining after the current round."""
-
-    def on_fit_start(self, loop: "LoFTLoop") -> None: ...
-    def on_round_start(self, loop: "LoFTLoop", round_index: int) -> None: ...
-    def on_local_step_end(self, loop: "LoFTLoop", worker: int, step: int, loss: float) -> None: ...
-    def on_sync_end(self, loop: "LoFTLoop", round_index: int) -> None: ...
-    def on_epoch_end(self, loop: "LoFTLoop", epoch: int, metrics: dict) -> None: ...
-    def on_fit_end(self, loop: "LoFTLoop", metrics: dict) -> None: ...
 
 
 def lr_at(round_index: int, rounds: int, base_lr: float, schedule: str = "step",
@@ -81,34 +73,70 @@ class LoopState:
     round_index: int = 0
     epoch: int = 0
     worker_losses: list[list[float]] = field(default_factory=list)  # since the last epoch end
+    round_losses: list[list[float]] = field(default_factory=list)   # this round, per local worker
     history: list[dict] = field(default_factory=list)
+    tickets: list[dict] = field(default_factory=list)
 
 
 class LoFTLoop:
-    """Runs ``rounds`` LoFT rounds of ``local_steps`` steps per worker with simulated workers."""
+    """Runs ``rounds`` LoFT rounds of ``local_steps`` steps per local worker; plugins do the rest."""
 
     def __init__(self, engine: LoFTEngine, streams, test_loader: DataLoader, rounds: int,
-                 local_steps: int, lr_fn, callbacks: list[Callback] = (),
+                 local_steps: int, lr_fn, plugins: list[Plugin] = (),
                  rounds_per_epoch: int = 1, recalibrate: DataLoader | None = None,
-                 recalibrate_batches: int = 0):
+                 recalibrate_batches: int = 0, logger: RunLogger | None = None):
         self.engine = engine
         self.streams = streams
         self.test_loader = test_loader
         self.rounds = rounds
         self.local_steps = local_steps
         self.lr_fn = lr_fn
-        self.callbacks = list(callbacks)
+        self.plugins = list(plugins)
         self.rounds_per_epoch = rounds_per_epoch
         self.recalibrate = recalibrate
         self.recalibrate_batches = recalibrate_batches
+        self.logger = logger or RunLogger(None)
         self.state = LoopState(worker_losses=[[] for _ in engine.workers])
         self.local_index = {w.index: i for i, w in enumerate(engine.workers)}
         self.stop = False
+        self.stop_reasons: list[str] = []
 
-    def _emit(self, event: str, *args) -> None:
-        for cb in self.callbacks:
-            getattr(cb, event)(self, *args)
+    # ------------------------------------------------------------------ for plugins
+    def emit(self, event: str, *args) -> None:
+        for p in self.plugins:
+            getattr(p, event)(self, *args)
 
+    def is_epoch_end(self, round_index: int) -> bool:
+        return (round_index + 1) % self.rounds_per_epoch == 0 or round_index + 1 == self.rounds
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the loop to end pretraining after this round (agreed over all ranks)."""
+        self.stop_reasons.append(reason)
+
+    def ticket_found(self, detector: str, info: dict) -> None:
+        """A detector says the ticket has emerged: recorded, logged, and passed to every plugin."""
+        record = {"detector": detector, "round": self.state.round_index, **info}
+        self.state.tickets.append(record)
+        self.logger.log({f"ticket/{detector}": self.state.round_index}, step=self.state.round_index)
+        self.emit("on_ticket_found", detector, record)
+
+    def state_dict(self) -> dict:
+        """The loop's and every plugin's state (JSON-serialisable), e.g. for a checkpoint."""
+        state = {"loop": {"round_index": self.state.round_index, "epoch": self.state.epoch,
+                          "history": self.state.history, "tickets": self.state.tickets},
+                 "plugins": {p.name: p.state_dict() for p in self.plugins}}
+        self.emit("on_checkpoint_save", state)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        loop = state["loop"]
+        self.state.round_index, self.state.epoch = loop["round_index"], loop["epoch"]
+        self.state.history, self.state.tickets = list(loop["history"]), list(loop["tickets"])
+        for p in self.plugins:
+            p.load_state_dict(state["plugins"].get(p.name, {}))
+        self.emit("on_checkpoint_load", state)
+
+    # ------------------------------------------------------------------ metrics
     def evaluate(self) -> dict:
         """Evaluate the assembled model (every rank does, so every rank holds the same metrics)."""
         model = self.engine.assembled()
@@ -117,9 +145,9 @@ class LoFTLoop:
         finally:
             self.engine.release()
 
-    def worker_losses(self) -> list[float]:
-        """Mean training loss of every worker since the last epoch end (gathered over the filter group)."""
-        local = [sum(v) / max(len(v), 1) for v in self.state.worker_losses]
+    def _gather_losses(self, per_local_worker: list[list[float]]) -> list[float]:
+        """Mean loss of every worker (gathered over the filter group in a distributed run)."""
+        local = [sum(v) / max(len(v), 1) for v in per_local_worker]
         grid = self.engine.grid
         if grid is None:
             return local
@@ -129,30 +157,58 @@ class LoFTLoop:
             self.engine.comm.all_gather(out, mine, group=grid.filter_group)
         return out.tolist()
 
+    def _agree_on_stop(self) -> bool:
+        flag = torch.tensor([1.0 if self.stop_reasons else 0.0])
+        if self.engine.grid is not None:
+            with self.engine.comm.phase("metric"):
+                self.engine.comm.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and not self.stop_reasons:
+            self.stop_reasons.append("another rank's plugin asked to stop")
+        return bool(flag.item())
+
+    # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
-        self._emit("on_fit_start")
-        metrics: dict = {}
+        self.emit("on_fit_start")
+        metrics: dict = self.state.history[-1] if self.state.history else {}
         while self.state.round_index < self.rounds and not self.stop:
             r = self.state.round_index
             lr = self.lr_fn(r)
             self.engine.begin_round(r, lr)
-            self._emit("on_round_start", r)
+            self.emit("on_round_start", r)
+            self.state.round_losses = [[] for _ in self.engine.workers]
             for w in self.engine.workers:
                 for step in range(self.local_steps):
                     x, y = self.streams[w.index].next()
                     loss = w.train_step(x, y)
-                    self.state.worker_losses[self.local_index[w.index]].append(loss)
-                    self._emit("on_local_step_end", w.index, step, loss)
+                    self.state.round_losses[self.local_index[w.index]].append(loss)
+                    self.emit("on_local_step_end", w.index, step, loss)
+            for mine, new in zip(self.state.worker_losses, self.state.round_losses):
+                mine.extend(new)
+            self.emit("on_before_sync", r)
             self.engine.sync()
             self.state.round_index = r + 1
-            self._emit("on_sync_end", r)
-            if (r + 1) % self.rounds_per_epoch == 0 or r + 1 == self.rounds or self.stop:
+            epoch_end = self.is_epoch_end(r)
+            round_losses = self._gather_losses(self.state.round_losses)
+            sync = self.engine.comm.counters.get("sync")
+            self.logger.log({"lr": lr, "worker_loss": round_losses,
+                             "bytes_sent": sync.sent if sync else 0.0}, step=r + 1, kind="round")
+            model = None
+            if any(p.wants_model(self, r, epoch_end) for p in self.plugins):
+                model = self.engine.assembled()
+            try:
+                self.emit("on_after_sync", r, model)
+            finally:
+                if model is not None:
+                    self.engine.release()
+            self.stop = self._agree_on_stop()
+            if epoch_end or self.stop:
                 self.state.epoch += 1
                 metrics = {"epoch": self.state.epoch, "round": r + 1, "lr": lr,
-                           "worker_loss": self.worker_losses(),
-                           **self.evaluate()}
+                           "worker_loss": self._gather_losses(self.state.worker_losses), **self.evaluate()}
                 self.state.history.append(metrics)
                 self.state.worker_losses = [[] for _ in self.engine.workers]
-                self._emit("on_epoch_end", self.state.epoch, metrics)
-        self._emit("on_fit_end", metrics)
+                self.emit("on_evaluation", metrics)
+                self.logger.log(metrics, step=r + 1, kind="epoch")
+                self.emit("on_epoch_end", self.state.epoch, metrics)
+        self.emit("on_fit_end", metrics)
         return metrics

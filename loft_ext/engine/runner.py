@@ -26,7 +26,12 @@ from ..parallel.sync import STRATEGIES
 from ..partition.plan import PRESETS, make_plan
 from ..partition.subnet import tensors_of
 from .loft import OPTIMIZER_STATE_MODES, LoFTEngine
-from .loop import Callback, LoFTLoop, lr_at
+from ..plugins.base import Plugin
+from ..plugins.distance import DistanceStop, FilterDistance
+from ..plugins.earlybird import EarlyBird
+from ..plugins.progress import Progress
+from ..tracking import RunLogger, TrackingError, resolve_wandb_mode
+from .loop import LoFTLoop, lr_at
 
 
 @dataclass
@@ -63,6 +68,8 @@ class LoftHparams(Hparams):
     local_steps: int = field(4, "L: local steps per worker between two syncs (one round)")
     optimizer_state: str = field("reset", "reset: momentum cleared each round (paper); carry: kept in a "
                                  "full-size buffer sliced like the weights", OPTIMIZER_STATE_MODES)
+    method: str = field("loft", "loft: S filter workers; dense: plain training of the full model (S=1, "
+                        "momentum carried), the baseline that plugins compare against", ("loft", "dense"))
     sync: str = field("allgather", "distributed sync: allgather (every rank keeps the full model) or "
                       "alltoall (ranks keep only their part and exchange what the next round needs)",
                       STRATEGIES)
@@ -87,6 +94,22 @@ class TrainHparams(Hparams):
 
 
 @dataclass
+class DetectorHparams(Hparams):
+    """Filter distance and ticket detectors"""
+
+    distance_layers: str = field("split", "layers whose filters are ranked: split (producers of the split "
+                                 "groups), all (every conv) or none", ("split", "all", "none"))
+    distance_every: int = field(0, "record filter rankings every k rounds; 0 = at every epoch end")
+    distance_window: int = field(5, "filter-distance stop rule: number of recent records compared")
+    distance_eps: float = field(0.1, "filter-distance stop rule: threshold on the normalised distance")
+    distance_stop: bool = field(False, "stop pretraining when the filter-distance rule fires (else report)")
+    earlybird: bool = field(True, "run the Early-Bird detector (BN-gamma channel masks)")
+    earlybird_ratio: float = field(0.5, "Early-Bird pruning ratio p of the BN-gamma mask")
+    earlybird_every: int = field(0, "Early-Bird check every k rounds; 0 = at every epoch end")
+    earlybird_stop: bool = field(False, "stop pretraining when Early-Bird fires (else report)")
+
+
+@dataclass
 class OutputHparams(Hparams):
     """Output and runtime"""
 
@@ -94,19 +117,29 @@ class OutputHparams(Hparams):
     force: bool = field(False, "retrain a run that already finished (the old directory is kept, renamed)")
     mixed_precision: str = field("no", "autocast for the workers' forward passes (bf16 on GPU)", ("no", "bf16"))
     cpu: bool = field(False, "run on CPU even when GPUs are present (gloo instead of NCCL)")
+    tracker: str = field("wandb", "experiment tracker through Accelerate: wandb or none (files in the run "
+                         "directory are always written)", ("wandb", "none"))
+    wandb_project: str = field("loft_ext", "W&B project")
+    wandb_group: str = field("", "W&B group (one experiment); default <model>-<dataset>")
+    wandb_mode: str = field("", "W&B mode: offline, online or disabled; default WANDB_MODE, else offline")
     debug_hashes: bool = field(False, "write a hash of the assembled model after every round (and of each "
                                "rank's sub-network after every step) to hashes-rank<r>.jsonl")
 
 
-HPARAM_CLASSES = (ModelHparams, DataHparams, LoftHparams, TrainHparams, OutputHparams)
+HPARAM_CLASSES = (ModelHparams, DataHparams, LoftHparams, TrainHparams, DetectorHparams, OutputHparams)
 
 
 class ConfigError(ValueError):
     """Hparams that cannot work together; the message says which flag and what would work."""
 
 
-def validate(model_hp, data_hp, loft_hp, train_hp) -> None:
+def validate(model_hp, data_hp, loft_hp, train_hp, det_hp) -> None:
     checks = [
+        (det_hp.distance_every >= 0, f"--distance_every must be >= 0 (got {det_hp.distance_every})"),
+        (det_hp.distance_window >= 2, f"--distance_window must be >= 2 (got {det_hp.distance_window})"),
+        (det_hp.distance_eps > 0, f"--distance_eps must be > 0 (got {det_hp.distance_eps})"),
+        (0 <= det_hp.earlybird_ratio < 1, f"--earlybird_ratio must be in [0, 1) (got {det_hp.earlybird_ratio})"),
+        (det_hp.earlybird_every >= 0, f"--earlybird_every must be >= 0 (got {det_hp.earlybird_every})"),
         (loft_hp.workers >= 1, f"--workers must be >= 1 (got {loft_hp.workers})"),
         (loft_hp.local_steps >= 1, f"--local_steps must be >= 1 (got {loft_hp.local_steps})"),
         (data_hp.batch_size >= 1, f"--batch_size must be >= 1 (got {data_hp.batch_size})"),
@@ -123,31 +156,6 @@ def validate(model_hp, data_hp, loft_hp, train_hp) -> None:
             raise ConfigError(message)
 
 
-class PrintProgress(Callback):
-    """Prints one line per epoch: each worker's mean loss and the assembled model's test accuracy."""
-
-    def __init__(self, print_fn=print):
-        self.print = print_fn
-        self.t0 = time.time()
-
-    def on_epoch_end(self, loop, epoch, m):
-        losses = " ".join(f"{x:.4f}" for x in m["worker_loss"])
-        self.print(f"epoch {epoch:3d} round {m['round']:5d} lr {m['lr']:.4f} | worker loss {losses} | "
-                   f"test acc {100 * m['test_acc']:.2f}% loss {m['test_loss']:.4f} | "
-                   f"{time.time() - self.t0:.0f}s", flush=True)
-
-
-class JsonlMetrics(Callback):
-    """Appends every epoch's metrics to metrics.jsonl in the run directory."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def on_epoch_end(self, loop, epoch, m):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(m) + "\n")
-
-
 def prepare_run_dir(output_dir: str, name: str, force: bool) -> tuple[str, bool]:
     """(run directory, already finished?). A finished run is never overwritten: with ``force`` it is
     renamed to <dir>.old-N first."""
@@ -162,7 +170,7 @@ def prepare_run_dir(output_dir: str, name: str, force: bool) -> tuple[str, bool]
     if not done:
         try:
             os.makedirs(run_dir, exist_ok=True)
-            for stale in ("metrics.jsonl",):
+            for stale in ("metrics.jsonl", "rounds.jsonl"):
                 if os.path.exists(os.path.join(run_dir, stale)):
                     os.remove(os.path.join(run_dir, stale))  # an unfinished attempt of the same run
         except OSError as exc:
@@ -181,34 +189,41 @@ def model_hash(model: torch.nn.Module, params_only: bool = False) -> str:
     return h.hexdigest()
 
 
-class DebugHashes(Callback):
+class DebugHashes(Plugin):
     """Appends the assembled model's hash after every sync, and the sub-network's parameters' hash
     after every step (replicas share parameters at every step; their BN statistics meet at the sync)."""
+
+    name = "debug_hashes"
 
     def __init__(self, path: str):
         self.path = path
         self.file = open(path, "w")
+
+    def wants_model(self, loop, round_index, epoch_end):
+        return True
 
     def on_local_step_end(self, loop, worker, step, loss):
         sub = loop.engine.workers[loop.local_index[worker]].model
         self.file.write(json.dumps({"round": loop.state.round_index, "worker": worker, "step": step,
                                     "subnet": model_hash(sub, params_only=True)}) + "\n")
 
-    def on_sync_end(self, loop, round_index):
-        model = loop.engine.assembled()
+    def on_after_sync(self, loop, round_index, model):
         self.file.write(json.dumps({"round": round_index, "assembled": model_hash(model)}) + "\n")
-        loop.engine.release()
         self.file.flush()
+
+    def on_ticket_found(self, loop, detector, info):
+        self.file.write(json.dumps({"round": info["round"], "ticket": detector}) + "\n")
 
     def on_fit_end(self, loop, metrics):
         self.file.close()
 
 
-def _start_accelerator(out_hp: OutputHparams):
+def _start_accelerator(out_hp: OutputHparams, wandb: bool):
     from accelerate import Accelerator
 
     cpu = out_hp.cpu or not torch.cuda.is_available()
-    accelerator = Accelerator(cpu=cpu, mixed_precision=out_hp.mixed_precision)
+    accelerator = Accelerator(cpu=cpu, mixed_precision=out_hp.mixed_precision,
+                              log_with="wandb" if wandb else None)
     expected = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != expected:
         raise ConfigError(
@@ -216,6 +231,21 @@ def _start_accelerator(out_hp: OutputHparams):
             "common process group; on CPU launch with `torchrun --nproc_per_node N` or "
             "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N`")
     return accelerator
+
+
+def _plugins(det_hp: DetectorHparams, out_hp: OutputHparams, main: bool, print_fn, run_dir: str,
+             rank: int) -> list[Plugin]:
+    """The run's plugins, in the order they see each event (recorders before the rules that read them)."""
+    plugins: list[Plugin] = [Progress(print_fn)] if main else []
+    if det_hp.distance_layers != "none":
+        recorder = FilterDistance(det_hp.distance_layers, det_hp.distance_every)
+        plugins += [recorder, DistanceStop(recorder, det_hp.distance_window, det_hp.distance_eps,
+                                           det_hp.distance_stop)]
+    if det_hp.earlybird:
+        plugins.append(EarlyBird(det_hp.earlybird_ratio, det_hp.earlybird_every, stop=det_hp.earlybird_stop))
+    if out_hp.debug_hashes:
+        plugins.append(DebugHashes(os.path.join(run_dir, f"hashes-rank{rank}.jsonl")))
+    return plugins
 
 
 def communication_report(engine: LoFTEngine, model, rounds: int, steps: int, elem: int) -> dict:
@@ -244,13 +274,23 @@ def communication_report(engine: LoFTEngine, model, rounds: int, steps: int, ele
 
 
 def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHparams,
-                 train_hp: TrainHparams, out_hp: OutputHparams, print_fn=print) -> dict:
-    """LoFT pretraining; returns the final metrics (also in summary.json)."""
-    validate(model_hp, data_hp, loft_hp, train_hp)
-    accelerator = _start_accelerator(out_hp)
+                 train_hp: TrainHparams, det_hp: DetectorHparams, out_hp: OutputHparams,
+                 print_fn=print) -> dict:
+    """LoFT (or dense) pretraining with plugins; returns the final metrics (also in summary.json)."""
+    validate(model_hp, data_hp, loft_hp, train_hp, det_hp)
+    wandb_mode = "disabled"
+    if out_hp.tracker == "wandb":
+        try:
+            wandb_mode = resolve_wandb_mode(out_hp.wandb_mode)
+        except TrackingError as exc:
+            raise ConfigError(str(exc)) from None
+        os.environ.setdefault("WANDB_SILENT", "true")  # the run's own lines say where things are
+    workers = 1 if loft_hp.method == "dense" else loft_hp.workers
+    optimizer_state = "carry" if loft_hp.method == "dense" else loft_hp.optimizer_state
+    accelerator = _start_accelerator(out_hp, wandb=wandb_mode != "disabled")
     world, main = accelerator.num_processes, accelerator.is_main_process
     try:
-        replicas = check_world(world, loft_hp.workers) if world > 1 else 1
+        replicas = check_world(world, workers) if world > 1 else 1
     except GridError as exc:
         raise ConfigError(str(exc)) from None
     say = print_fn if main else (lambda *a, **k: None)
@@ -259,20 +299,20 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
     torch.manual_seed(train_hp.seed)
     model = create_model(model_hp.model, data.num_classes, data.in_chans)
     input_shape = (1, data.in_chans, data.image_size, data.image_size)
-    plan = make_plan(model, loft_hp.workers, model_hp.preset, input_shape, model_hp.model)
+    plan = make_plan(model, workers, model_hp.preset, input_shape, model_hp.model)
+    hashed = (model_hp, data_hp, loft_hp, train_hp, det_hp)
     # S simulated workers and S processes give the same run; D replicas change the batch, so D is named
-    run_id = hparams_hash(model_hp, data_hp, loft_hp, train_hp)
+    run_id = hparams_hash(*hashed)
     if replicas > 1:
         run_id = hashlib.sha256(f"{run_id}-replicas{replicas}".encode()).hexdigest()[:12]
     name = f"{model_hp.model}-{run_id}"
+    run_dir = os.path.join(out_hp.output_dir, name)
     if main:
-        run_dir, done = prepare_run_dir(out_hp.output_dir, name, out_hp.force)
-    grid = build_grid(loft_hp.workers) if world > 1 else None
+        prepare_run_dir(out_hp.output_dir, name, out_hp.force)
+    grid = build_grid(workers) if world > 1 else None
     if grid is not None:
         dist.barrier()  # the main process has prepared (or moved) the run directory
-    run_dir = os.path.join(out_hp.output_dir, name)
-    done = os.path.exists(os.path.join(run_dir, "summary.json"))
-    if done:
+    if os.path.exists(os.path.join(run_dir, "summary.json")):
         with open(os.path.join(run_dir, "summary.json")) as f:
             summary = json.load(f)
         say(f"run {run_dir} already finished (test acc {100 * summary['test_acc']:.2f}%); "
@@ -289,12 +329,12 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
         return torch.optim.SGD(params, lr=train_hp.lr, momentum=train_hp.momentum,
                                weight_decay=train_hp.weight_decay)
 
-    engine = LoFTEngine(model, plan, make_optimizer, train_hp.seed, loft_hp.optimizer_state,
+    engine = LoFTEngine(model, plan, make_optimizer, train_hp.seed, optimizer_state,
                         grid=grid, strategy=loft_hp.sync)
     for w in engine.workers:
         w.autocast = accelerator.autocast
     d_index = grid.data_index if grid else 0
-    streams = {w.index: BatchStream(data.train, data_hp.batch_size, w.index, loft_hp.workers,
+    streams = {w.index: BatchStream(data.train, data_hp.batch_size, w.index, workers,
                                     data_hp.data_order, train_hp.seed, replica=d_index, replicas=replicas,
                                     device=device) for w in engine.workers}
     steps_per_epoch = next(iter(streams.values())).steps_per_epoch
@@ -304,31 +344,34 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
     recal_loader = DataLoader(data.train, batch_size=data_hp.batch_size, shuffle=True,
                               generator=torch.Generator().manual_seed(train_hp.seed))
 
-    where = (f"{world} processes = S={loft_hp.workers} x D={replicas} ({loft_hp.sync}, "
+    where = (f"{world} processes = S={workers} x D={replicas} ({loft_hp.sync}, "
              f"{dist.get_backend()})" if grid else "1 process, workers simulated")
-    say(f"{model_hp.model} on {data.name}: {full_params / 1e6:.2f}M params; {len(plan.split)} split groups "
-        f"({model_hp.preset}); per-worker parameter fraction {fractions}; S={loft_hp.workers} "
-        f"L={loft_hp.local_steps} rounds={rounds} ({rounds_per_epoch}/epoch); {where}; run dir {run_dir}",
-        flush=True)
-    callbacks: list[Callback] = []
+    say(f"{model_hp.model} on {data.name} ({loft_hp.method}): {full_params / 1e6:.2f}M params; "
+        f"{len(plan.split)} split groups ({model_hp.preset}); per-worker parameter fraction {fractions}; "
+        f"S={workers} L={loft_hp.local_steps} rounds={rounds} ({rounds_per_epoch}/epoch); {where}; "
+        f"run dir {run_dir}", flush=True)
+    config = {type(h).__name__: h.to_dict() for h in hashed}
     if main:
         with open(os.path.join(run_dir, "hparams.json"), "w") as f:
-            json.dump({type(h).__name__: h.to_dict() for h in (model_hp, data_hp, loft_hp, train_hp)}, f,
-                      indent=1, default=list)
+            json.dump(config, f, indent=1, default=list)
         with open(os.path.join(run_dir, "plan.json"), "w") as f:
             f.write(plan.to_json())
-        callbacks += [PrintProgress(print_fn), JsonlMetrics(os.path.join(run_dir, "metrics.jsonl"))]
-    if out_hp.debug_hashes:
-        callbacks.append(DebugHashes(os.path.join(run_dir, f"hashes-rank{grid.rank if grid else 0}.jsonl")))
+    wandb = wandb_mode != "disabled"
+    if wandb:  # Accelerate starts the tracker on the main process only
+        group = out_hp.wandb_group or f"{model_hp.model}-{data.name}"
+        accelerator.init_trackers(out_hp.wandb_project, config=json.loads(json.dumps(config, default=list)),
+                                  init_kwargs={"wandb": {"group": group, "job_type": "pretrain", "name": name,
+                                                         "dir": run_dir, "mode": wandb_mode}})
+    logger = RunLogger(run_dir if main else None, accelerator, wandb=wandb)
+    plugins = _plugins(det_hp, out_hp, main, print_fn, run_dir, grid.rank if grid else 0)
 
-    loop = LoFTLoop(engine, [streams[s] if s in streams else None for s in range(loft_hp.workers)],
-                    test_loader, rounds, loft_hp.local_steps,
+    loop = LoFTLoop(engine, [streams.get(s) for s in range(workers)], test_loader, rounds, loft_hp.local_steps,
                     lambda r: lr_at(r, rounds, train_hp.lr, train_hp.lr_schedule,
                                     train_hp.lr_milestones, train_hp.lr_gamma),
-                    callbacks=callbacks, rounds_per_epoch=rounds_per_epoch, recalibrate=recal_loader,
-                    recalibrate_batches=train_hp.bn_recalibration_batches)
+                    plugins=plugins, rounds_per_epoch=rounds_per_epoch, recalibrate=recal_loader,
+                    recalibrate_batches=train_hp.bn_recalibration_batches, logger=logger)
     metrics = loop.fit()
-    final = engine.assembled()
+    final = engine.assembled()  # the analytic count below reads the full tensors' sizes
     if grid is not None:
         report = communication_report(engine, model, loop.state.round_index,
                                       loop.state.round_index * loft_hp.local_steps, elem)
@@ -340,9 +383,11 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
             f"{run_dir}/comm-rank*.json", flush=True)
     if main:
         torch.save(final.state_dict(), os.path.join(run_dir, "model.pt"))
+        summary = {**metrics, "tickets": loop.state.tickets, "stopped_early": bool(loop.stop_reasons)}
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump(metrics, f, indent=1)
+            json.dump(summary, f, indent=1)
     engine.release()
+    logger.close()
     if grid is not None:
         dist.barrier()  # nobody exits (and tears the group down) while another rank still reads
     return metrics

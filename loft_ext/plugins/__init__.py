@@ -1,0 +1,1 @@
+"""Training-loop plugins: progress, filter distance, ticket-emergence detectors (docs/plugins.md)."""

@@ -1,0 +1,111 @@
+"""Plugins on real runs: distance products, W&B offline files, state save/load, ranks agreeing."""
+import copy
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from loft_ext.data import BatchStream, load_digits_dataset
+from loft_ext.engine.loft import LoFTEngine
+from loft_ext.engine.loop import LoFTLoop
+from loft_ext.partition.plan import make_plan
+from loft_ext.plugins.distance import DistanceStop, FilterDistance
+from loft_ext.plugins.earlybird import EarlyBird
+from wandb_offline import history_keys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPE = os.path.join(ROOT, "recipes", "loft_timm.py")
+SMALL = ["--rounds", "6", "--local_steps", "2", "--batch_size", "32", "--bn_recalibration_batches", "1",
+         "--distance_every", "2", "--earlybird_every", "1"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["loft", "dense"])
+def test_run_writes_distance_products_and_a_wandb_offline_run(tmp_path, method):
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, RECIPE, *SMALL, "--method", method, "--output_dir", str(tmp_path)],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"({method})" in proc.stdout
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    for png in ("heatmaps.png", "distance_to_last.png", "distance_consecutive.png"):
+        assert (run_dir / "distance" / png).stat().st_size > 1000
+    d = json.loads((run_dir / "distance" / "distances.json").read_text())
+    assert d["rounds"] == [2, 4, 6]
+    layer = next(iter(d["pairwise"]))
+    matrix = d["pairwise"][layer]
+    assert len(matrix) == 3 and all(row[i] == 0.0 for i, row in enumerate(matrix))
+    assert d["to_last"]["aggregate"][-1] == 0.0
+    lines = [json.loads(x) for x in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    rounds = [r for r in lines if "worker_loss" in r]  # plugins add their own lines (distances, ...)
+    assert [r["step"] for r in rounds] == [1, 2, 3, 4, 5, 6]
+    assert any("distance/consecutive" in r for r in lines) and any("earlybird/max_mask_distance" in r for r in lines)
+    workers = 2 if method == "loft" else 1
+    assert all(len(r["worker_loss"]) == workers for r in rounds)
+    # the W&B offline run: history keys, the table and the images
+    (wandb_file,) = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
+    keys, rows = history_keys(wandb_file)
+    expected = {"lr", "bytes_sent", "epoch/test_acc", "distance/consecutive", "earlybird/max_mask_distance",
+                "distance/layers/_type", "distance/heatmaps/_type", "distance/to_last/_type"}
+    expected |= {f"worker_loss/{w}" for w in range(workers)}
+    assert expected <= keys, expected - keys
+    media = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "files" / "media" / "**" / "*"), recursive=True)
+    assert any(m.endswith(".table.json") for m in media)
+    assert sum(m.endswith(".png") for m in media) == 3
+
+
+def _loop(base, data, rounds, plugins):
+    model = copy.deepcopy(base)
+    plan = make_plan(model, 2, "paper", input_shape=(1, 1, 32, 32))
+    engine = LoFTEngine(model, plan, lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), seed=0)
+    streams = [BatchStream(data.train, 32, s, 2, seed=0) for s in range(2)]
+    return LoFTLoop(engine, streams, torch.utils.data.DataLoader(data.test, batch_size=360), rounds, 2,
+                    lambda r: 0.05, plugins=plugins, rounds_per_epoch=3)
+
+
+def _plugins():
+    recorder = FilterDistance("split", every=1)
+    return [recorder, DistanceStop(recorder, window=3, eps=0.5), EarlyBird(0.5, every=1, keep=3, threshold=0.3)]
+
+
+def test_plugin_state_survives_save_and_load(model_cache):
+    base = model_cache("resnet18", num_classes=10, in_chans=1)
+    data = load_digits_dataset(32)
+    whole = _loop(base, data, 6, _plugins())
+    whole.fit()
+
+    first = _loop(base, data, 3, _plugins())
+    first.fit()
+    saved = json.loads(json.dumps(first.state_dict()))  # through JSON, as a checkpoint stores it
+    second = LoFTLoop(first.engine, first.streams, first.test_loader, 6, 2, lambda r: 0.05,
+                      plugins=_plugins(), rounds_per_epoch=3)
+    second.load_state_dict(saved)
+    second.fit()
+    assert [p.state_dict() for p in second.plugins] == [p.state_dict() for p in whole.plugins]
+    assert second.state.tickets == whole.state.tickets and whole.state.tickets
+    assert second.state.history == whole.state.history
+
+
+@pytest.mark.slow
+def test_detectors_fire_in_the_same_round_on_every_rank_and_stop(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    args = ["--rounds", "30", "--local_steps", "2", "--batch_size", "32", "--bn_recalibration_batches", "1",
+            "--distance_every", "1", "--earlybird_every", "1", "--distance_stop", "--earlybird_stop",
+            "--debug_hashes", "--output_dir", str(tmp_path)]
+    proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "2",
+                           RECIPE, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+
+    def tickets(rank):
+        lines = [json.loads(x) for x in (run_dir / f"hashes-rank{rank}.jsonl").read_text().splitlines()]
+        return [(x["ticket"], x["round"]) for x in lines if "ticket" in x]
+
+    assert tickets(0) == tickets(1) and len(tickets(0)) == 2
+    summary = json.loads((run_dir / "summary.json").read_text())
+    stop_round = min(r for _, r in tickets(0))
+    assert summary["stopped_early"] and summary["round"] == stop_round < 30
