@@ -103,5 +103,6 @@ class RunLogger:
         for f in self._files.values():
             f.close()
         self._files.clear()
-        if self.wandb:
-            self.accelerator.end_training()
+        if self.wandb:  # not accelerator.end_training(): it also destroys the process group
+            for tracker in self.accelerator.trackers:
+                tracker.finish()

@@ -117,7 +117,8 @@ def test_replicas_stay_identical_and_workers_differ(tmp_path):
     assert dp["calls"] == 4 and dp["bytes_sent"] == pytest.approx(report["analytic"]["dp_grad"]["bytes_sent"])
 
 
-def test_accelerate_launch_trains(tmp_path):
+def test_accelerate_launch_trains(tmp_path, monkeypatch):
+    monkeypatch.setitem(ENV, "WANDB_MODE", "offline")  # the tracker on the main process of a real group
     args = ["--epochs", "2", "--local_steps", "4", "--bn_recalibration_batches", "2"]
     proc = _launch("accelerate", 2, args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -126,6 +127,7 @@ def test_accelerate_launch_trains(tmp_path):
     assert len(metrics) == 2
     assert max(metrics[1]["worker_loss"]) < min(metrics[0]["worker_loss"])
     assert metrics[1]["test_acc"] > 0.8
+    assert list((_run_dir(tmp_path) / "wandb").glob("offline-run-*/run-*.wandb"))
 
 
 def test_world_size_not_a_multiple_of_s_is_refused(tmp_path):
