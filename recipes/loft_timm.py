@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""LoFT pretraining of a timm CNN: S filter workers, L local steps per round.
+"""LoFT for a timm CNN: pretrain (S filter workers, L local steps per round) -> draw tickets at one or
+several pruning ratios -> fine-tune each with its masks enforced -> evaluate -> comparison table.
 
-Default (no flags): resnet18 on scikit-learn's bundled digits, S=2.
+Default (no flags): resnet18 on scikit-learn's bundled digits, S=2, one structured ticket at r=0.5.
   python recipes/loft_timm.py                      one process, the S workers simulated
   torchrun --nproc_per_node 2 recipes/loft_timm.py one process per worker (gloo on CPU)
   accelerate launch recipes/loft_timm.py           one process per GPU (NCCL); on CPU:
@@ -17,18 +18,19 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from loft_ext.data import DataError  # noqa: E402
-from loft_ext.engine.runner import HPARAM_CLASSES, ConfigError, run_pretrain  # noqa: E402
+from loft_ext.engine.pipeline import ALL_HPARAMS, run_pipeline  # noqa: E402
+from loft_ext.engine.runner import ConfigError  # noqa: E402
 from loft_ext.models import ModelError  # noqa: E402
 from loft_ext.partition.graph import PartitionError  # noqa: E402
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for cls in HPARAM_CLASSES:
+    for cls in ALL_HPARAMS:
         cls.add_args(parser)
     args = parser.parse_args(argv)
     try:
-        run_pretrain(*(cls.from_args(args) for cls in HPARAM_CLASSES))
+        run_pipeline(*(cls.from_args(args) for cls in ALL_HPARAMS))
     except (ConfigError, DataError, ModelError, PartitionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ BIN = os.path.dirname(sys.executable)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
        "PYTHONUNBUFFERED": "1"}
 FAST = ["--rounds", "3", "--local_steps", "2", "--batch_size", "32", "--bn_recalibration_batches", "1",
-        "--preset", "all", "--debug_hashes"]
+        "--preset", "all", "--debug_hashes", "--ratios", ""]
 
 pytestmark = pytest.mark.slow
 
@@ -119,7 +119,7 @@ def test_replicas_stay_identical_and_workers_differ(tmp_path):
 
 def test_accelerate_launch_trains(tmp_path, monkeypatch):
     monkeypatch.setitem(ENV, "WANDB_MODE", "offline")  # the tracker on the main process of a real group
-    args = ["--epochs", "2", "--local_steps", "4", "--bn_recalibration_batches", "2"]
+    args = ["--epochs", "2", "--local_steps", "4", "--bn_recalibration_batches", "2", "--ratios", ""]
     proc = _launch("accelerate", 2, args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 processes = S=2 x D=1 (allgather, gloo)" in proc.stdout
@@ -131,6 +131,6 @@ def test_accelerate_launch_trains(tmp_path, monkeypatch):
 
 
 def test_world_size_not_a_multiple_of_s_is_refused(tmp_path):
-    proc = _launch("torchrun", 2, ["--workers", "3"], tmp_path)
+    proc = _launch("torchrun", 2, ["--workers", "3", "--ratios", ""], tmp_path)
     assert proc.returncode != 0
     assert "world size 2 is not a multiple of S=3" in proc.stderr

@@ -20,7 +20,7 @@ from wandb_offline import history_keys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "recipes", "loft_timm.py")
 SMALL = ["--rounds", "6", "--local_steps", "2", "--batch_size", "32", "--bn_recalibration_batches", "1",
-         "--distance_every", "2", "--earlybird_every", "1"]
+         "--distance_every", "2", "--earlybird_every", "1", "--ratios", ""]
 
 
 @pytest.mark.slow
@@ -95,7 +95,7 @@ def test_detectors_fire_in_the_same_round_on_every_rank_and_stop(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     args = ["--rounds", "30", "--local_steps", "2", "--batch_size", "32", "--bn_recalibration_batches", "1",
             "--distance_every", "1", "--earlybird_every", "1", "--distance_stop", "--earlybird_stop",
-            "--debug_hashes", "--output_dir", str(tmp_path)]
+            "--debug_hashes", "--ratios", "", "--output_dir", str(tmp_path)]
     proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "2",
                            RECIPE, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

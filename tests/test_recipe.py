@@ -12,7 +12,8 @@ sys.path.insert(0, os.path.join(ROOT, "recipes"))
 
 from loft_timm import main  # noqa: E402
 
-SMALL = ["--rounds", "6", "--local_steps", "3", "--batch_size", "32", "--bn_recalibration_batches", "2"]
+SMALL = ["--rounds", "6", "--local_steps", "3", "--batch_size", "32", "--bn_recalibration_batches", "2",
+         "--ratios", ""]
 
 
 def _run(args, tmp_path):
@@ -27,7 +28,8 @@ def test_recipe_trains_prints_and_never_overwrites(tmp_path):
     lines = [line for line in proc.stdout.splitlines() if line.startswith("epoch")]
     assert len(lines) == 1  # 44 steps/epoch at batch 32 -> 15 rounds/epoch: the only epoch line is round 6 (last)
     (run_dir,) = [d for d in tmp_path.iterdir()]
-    assert {"hparams.json", "plan.json", "metrics.jsonl", "summary.json", "model.pt"} <= set(os.listdir(run_dir))
+    assert {"hparams.json", "plan.json", "metrics.jsonl", "summary.json", "init.safetensors",
+            "model.safetensors"} <= set(os.listdir(run_dir))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["round"] == 6 and len(summary["worker_loss"]) == 2
     assert summary["test_acc"] > 0.3  # 10 classes: chance is 0.1

@@ -5,6 +5,7 @@ the processes Accelerate started (world size 1: all S workers simulated in this 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -32,6 +33,9 @@ from ..plugins.earlybird import EarlyBird
 from ..plugins.progress import Progress
 from ..tracking import RunLogger, TrackingError, resolve_wandb_mode
 from .loop import LoFTLoop, lr_at
+
+
+METHODS = ("loft", "dense", "earlybird", "random")
 
 
 @dataclass
@@ -68,8 +72,10 @@ class LoftHparams(Hparams):
     local_steps: int = field(4, "L: local steps per worker between two syncs (one round)")
     optimizer_state: str = field("reset", "reset: momentum cleared each round (paper); carry: kept in a "
                                  "full-size buffer sliced like the weights", OPTIMIZER_STATE_MODES)
-    method: str = field("loft", "loft: S filter workers; dense: plain training of the full model (S=1, "
-                        "momentum carried), the baseline that plugins compare against", ("loft", "dense"))
+    method: str = field("loft", "pretraining: loft (S filter workers), dense (plain training of the full "
+                        "model: S=1, momentum carried), earlybird (dense, stopped by Early-Bird, BN-gamma "
+                        "tickets) or random (loft pretraining, random tickets with the same per-layer "
+                        "ratios: the control)", METHODS)
     sync: str = field("allgather", "distributed sync: allgather (every rank keeps the full model) or "
                       "alltoall (ranks keep only their part and exchange what the next round needs)",
                       STRATEGIES)
@@ -126,7 +132,7 @@ class OutputHparams(Hparams):
                                "rank's sub-network after every step) to hashes-rank<r>.jsonl")
 
 
-HPARAM_CLASSES = (ModelHparams, DataHparams, LoftHparams, TrainHparams, DetectorHparams, OutputHparams)
+PRETRAIN_HPARAMS = (ModelHparams, DataHparams, LoftHparams, TrainHparams, DetectorHparams, OutputHparams)
 
 
 class ConfigError(ValueError):
@@ -218,7 +224,29 @@ class DebugHashes(Plugin):
         self.file.close()
 
 
-def _start_accelerator(out_hp: OutputHparams, wandb: bool):
+def start_tracker(accelerator, out_hp: OutputHparams, mode: str, config: dict, default_group: str,
+                  job_type: str, name: str, run_dir: str) -> None:
+    """A W&B run through Accelerate (main process only): one group per experiment, one job per stage."""
+    accelerator.trackers = []  # a finished stage's tracker must not receive the next stage's logs
+    accelerator.init_trackers(out_hp.wandb_project, config=json.loads(json.dumps(config, default=list)),
+                              init_kwargs={"wandb": {"group": out_hp.wandb_group or default_group,
+                                                     "job_type": job_type, "name": name, "dir": run_dir,
+                                                     "mode": mode, "reinit": "finish_previous"}})
+
+
+def tracker_mode(out_hp: OutputHparams) -> str:
+    """The W&B mode of the run ("disabled" without the tracker); refuses online without credentials."""
+    if out_hp.tracker != "wandb":
+        return "disabled"
+    try:
+        mode = resolve_wandb_mode(out_hp.wandb_mode)
+    except TrackingError as exc:
+        raise ConfigError(str(exc)) from None
+    os.environ.setdefault("WANDB_SILENT", "true")  # the run's own lines say where things are
+    return mode
+
+
+def start_accelerator(out_hp: OutputHparams, wandb: bool):
     from accelerate import Accelerator
 
     cpu = out_hp.cpu or not torch.cuda.is_available()
@@ -248,6 +276,29 @@ def _plugins(det_hp: DetectorHparams, out_hp: OutputHparams, main: bool, print_f
     return plugins
 
 
+class SaveWeights(Plugin):
+    """Saves the assembled model after round k (the rewinding point of lottery-ticket training)."""
+
+    name = "save_weights"
+
+    def __init__(self, round_number: int, path: str, main: bool):
+        self.round_number, self.path, self.main = round_number, path, main
+
+    def wants_model(self, loop, round_index, epoch_end):
+        return round_index + 1 == self.round_number
+
+    def on_after_sync(self, loop, round_index, model):
+        if model is not None and self.main and round_index + 1 == self.round_number:
+            save_weights(model, self.path)
+
+
+def save_weights(model: torch.nn.Module, path: str) -> None:
+    """A state_dict as safetensors (loading it never executes pickled code)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, path)
+
+
 def communication_report(engine: LoFTEngine, model, rounds: int, steps: int, elem: int) -> dict:
     """Measured bytes per phase next to the analytic count for the same run and strategy."""
     grid, plan = engine.grid, engine.plan
@@ -275,19 +326,20 @@ def communication_report(engine: LoFTEngine, model, rounds: int, steps: int, ele
 
 def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHparams,
                  train_hp: TrainHparams, det_hp: DetectorHparams, out_hp: OutputHparams,
-                 print_fn=print) -> dict:
-    """LoFT (or dense) pretraining with plugins; returns the final metrics (also in summary.json)."""
+                 print_fn=print, accelerator=None, rewind_round: int = 0) -> dict:
+    """LoFT (or dense) pretraining with plugins; returns summary.json's content plus ``run_dir``.
+
+    Saves ``init.safetensors`` (the initial weights), ``model.safetensors`` (the assembled model at the
+    end) and, with ``rewind_round`` > 0, ``round_<k>.safetensors`` (the assembled model after round k).
+    """
     validate(model_hp, data_hp, loft_hp, train_hp, det_hp)
-    wandb_mode = "disabled"
-    if out_hp.tracker == "wandb":
-        try:
-            wandb_mode = resolve_wandb_mode(out_hp.wandb_mode)
-        except TrackingError as exc:
-            raise ConfigError(str(exc)) from None
-        os.environ.setdefault("WANDB_SILENT", "true")  # the run's own lines say where things are
-    workers = 1 if loft_hp.method == "dense" else loft_hp.workers
-    optimizer_state = "carry" if loft_hp.method == "dense" else loft_hp.optimizer_state
-    accelerator = _start_accelerator(out_hp, wandb=wandb_mode != "disabled")
+    if loft_hp.method == "earlybird":  # dense pretraining that the Early-Bird detector ends
+        det_hp = dataclasses.replace(det_hp, earlybird=True, earlybird_stop=True)
+    wandb_mode = tracker_mode(out_hp)
+    dense = loft_hp.method in ("dense", "earlybird")
+    workers = 1 if dense else loft_hp.workers
+    optimizer_state = "carry" if dense else loft_hp.optimizer_state
+    accelerator = accelerator or start_accelerator(out_hp, wandb=wandb_mode != "disabled")
     world, main = accelerator.num_processes, accelerator.is_main_process
     try:
         replicas = check_world(world, workers) if world > 1 else 1
@@ -315,10 +367,13 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
     if os.path.exists(os.path.join(run_dir, "summary.json")):
         with open(os.path.join(run_dir, "summary.json")) as f:
             summary = json.load(f)
-        say(f"run {run_dir} already finished (test acc {100 * summary['test_acc']:.2f}%); "
+        say(f"pretraining {run_dir} already finished (test acc {100 * summary['test_acc']:.2f}%); "
             "pass --force to train it again")
-        return summary
+        return {**summary, "run_dir": run_dir, "skipped": True}
+    if main:
+        save_weights(model, os.path.join(run_dir, "init.safetensors"))
 
+    t_start = time.time()
     device = accelerator.device
     model.to(device)
     full_params = sum(p.numel() for p in model.parameters())  # before alltoall frees the split tensors
@@ -357,13 +412,13 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
         with open(os.path.join(run_dir, "plan.json"), "w") as f:
             f.write(plan.to_json())
     wandb = wandb_mode != "disabled"
-    if wandb:  # Accelerate starts the tracker on the main process only
-        group = out_hp.wandb_group or f"{model_hp.model}-{data.name}"
-        accelerator.init_trackers(out_hp.wandb_project, config=json.loads(json.dumps(config, default=list)),
-                                  init_kwargs={"wandb": {"group": group, "job_type": "pretrain", "name": name,
-                                                         "dir": run_dir, "mode": wandb_mode}})
+    if wandb:
+        start_tracker(accelerator, out_hp, wandb_mode, config, f"{model_hp.model}-{data.name}", "pretrain",
+                      name, run_dir)
     logger = RunLogger(run_dir if main else None, accelerator, wandb=wandb)
     plugins = _plugins(det_hp, out_hp, main, print_fn, run_dir, grid.rank if grid else 0)
+    if rewind_round > 0:
+        plugins.append(SaveWeights(rewind_round, os.path.join(run_dir, f"round_{rewind_round}.safetensors"), main))
 
     loop = LoFTLoop(engine, [streams.get(s) for s in range(workers)], test_loader, rounds, loft_hp.local_steps,
                     lambda r: lr_at(r, rounds, train_hp.lr, train_hp.lr_schedule,
@@ -381,16 +436,21 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
         say(f"communication per rank (rank 0), sync: measured {m.get('bytes_sent', 0) / 2**20:.2f} MiB sent "
             f"in {m.get('calls', 0)} calls, analytic {a['bytes_sent'] / 2**20:.2f} MiB; all phases in "
             f"{run_dir}/comm-rank*.json", flush=True)
+    sync = engine.comm.counters.get("sync")
+    summary = {**metrics, "tickets": loop.state.tickets, "stopped_early": bool(loop.stop_reasons),
+               "rounds_done": loop.state.round_index, "epochs_done": loop.state.round_index / rounds_per_epoch,
+               "workers": workers, "local_steps": loft_hp.local_steps, "replicas": replicas,
+               "method": loft_hp.method, "sync_bytes_sent": sync.sent if sync else 0.0,
+               "wall_s": time.time() - t_start}
     if main:
-        torch.save(final.state_dict(), os.path.join(run_dir, "model.pt"))
-        summary = {**metrics, "tickets": loop.state.tickets, "stopped_early": bool(loop.stop_reasons)}
+        save_weights(final, os.path.join(run_dir, "model.safetensors"))
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
     engine.release()
     logger.close()
     if grid is not None:
         dist.barrier()  # nobody exits (and tears the group down) while another rank still reads
-    return metrics
+    return {**summary, "run_dir": run_dir, "skipped": False}
 
 
-__all__ = ["HPARAM_CLASSES", "ConfigError", "DataError", "run_pretrain"] + [c.__name__ for c in HPARAM_CLASSES]
+__all__ = ["PRETRAIN_HPARAMS", "ConfigError", "DataError", "run_pretrain", "start_accelerator"]

@@ -90,10 +90,13 @@ class PartitionPlan:
         return [units_per_worker(g.units, self.workers)[worker] for g in self.split]
 
     def sub_shape(self, name: str, full_shape: tuple[int, ...], worker: int) -> tuple[int, ...]:
+        return self.narrow_shape(name, full_shape, self.units_of(worker))
+
+    def narrow_shape(self, name: str, full_shape: tuple[int, ...], units: list[int]) -> tuple[int, ...]:
+        """Shape of tensor ``name`` when split group g keeps ``units[g]`` of its units."""
         shape = list(full_shape)
         for dim, gi in self.tensor_dims.get(name, ()):
-            g = self.split[gi]
-            shape[dim] = full_shape[dim] // g.units * units_per_worker(g.units, self.workers)[worker]
+            shape[dim] = full_shape[dim] // self.split[gi].units * units[gi]
         return tuple(shape)
 
     def worker_numel(self, model: nn.Module, worker: int) -> int:

@@ -84,7 +84,7 @@ def tensors_of(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+def set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
     owner_name, _, attr = name.rpartition(".")
     owner = model.get_submodule(owner_name) if owner_name else model
     if isinstance(getattr(owner, attr), nn.Parameter):
@@ -94,22 +94,34 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 def build_subnet(full: nn.Module, plan: PartitionPlan, worker: int) -> nn.Module:
-    """Worker ``worker``'s narrower copy of ``full`` (values are loaded per round by :func:`load`)."""
+    """Worker ``worker``'s narrower copy of ``full`` (values are loaded per round by :class:`Slicer`)."""
+    return narrow_model(full, plan, plan.units_of(worker))
+
+
+def narrow_model(full: nn.Module, plan: PartitionPlan, units: list[int]) -> nn.Module:
+    """A copy of ``full`` in which split group g keeps ``units[g]`` units (values left at zero for the
+    split tensors): a worker's sub-network, or a compact ticket."""
     sub = copy.deepcopy(full)
     for name, t in tensors_of(full).items():
         if name in plan.tensor_dims:
-            shape = plan.sub_shape(name, tuple(t.shape), worker)
-            _set_tensor(sub, name, torch.zeros(shape, dtype=t.dtype, device=t.device))
-    units = plan.units_of(worker)
+            shape = plan.narrow_shape(name, tuple(t.shape), units)
+            set_tensor(sub, name, torch.zeros(shape, dtype=t.dtype, device=t.device))
     grouped = {}
     for gi, g in enumerate(plan.split):
         for conv, groups in g.grouped_convs.items():
             grouped[conv] = groups // g.units * units[gi]
         for norm, groups in g.norm_groups.items():
             grouped[norm] = groups // g.units * units[gi]
-    for name, m in sub.named_modules():
+    fix_module_attributes(sub, grouped)
+    return sub
+
+
+def fix_module_attributes(model: nn.Module, groups: dict[str, int]) -> None:
+    """Make convs, linears and norms agree with their (narrowed) tensors; ``groups`` holds the new
+    ``groups`` / ``num_groups`` of grouped convs and GroupNorms."""
+    for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d):
-            m.groups = grouped.get(name, m.groups)
+            m.groups = groups.get(name, m.groups)
             m.out_channels = m.weight.shape[0]
             m.in_channels = m.weight.shape[1] * m.groups
         elif isinstance(m, nn.Linear):
@@ -119,10 +131,9 @@ def build_subnet(full: nn.Module, plan: PartitionPlan, worker: int) -> nn.Module
             if ref is not None:
                 m.num_features = ref.shape[0]
         elif isinstance(m, nn.GroupNorm):
-            m.num_groups = grouped.get(name, m.num_groups)
+            m.num_groups = groups.get(name, m.num_groups)
             if m.weight is not None:
                 m.num_channels = m.weight.shape[0]
-    return sub
 
 
 class Slicer:

@@ -1,0 +1,234 @@
+"""The one-command pipeline: pretrain -> draw tickets at one or several ratios -> fine-tune -> evaluate.
+
+Stages live in the pretraining run's directory and are resumable: a finished pretraining is reused,
+and a ticket whose ``result.json`` exists is read back instead of being trained again. Every rank
+runs every stage (tickets are drawn from the same saved weights, so identically everywhere);
+only the main process writes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..data import load_dataset
+from ..hparams import Hparams, field, hparams_hash
+from ..models import create_model
+from ..partition.plan import make_plan
+from ..report import format_table
+from ..tickets.export import compact_model, save_compact
+from ..tickets.finetune import OPTIMIZERS, finetune
+from ..tickets.masks import save_masks
+from ..tickets.prune import (SCOPES, PruneError, magnitude_masks, random_masks_like, random_ticket_like,
+                             sparsity_report, structured_ticket)
+from ..tracking import RunLogger
+from .runner import (PRETRAIN_HPARAMS, ConfigError, run_pretrain, save_weights, start_accelerator,
+                     start_tracker, tracker_mode)
+
+
+@dataclass
+class TicketHparams(Hparams):
+    """Tickets and fine-tuning"""
+
+    ratios: tuple[float, ...] = field((0.5,), "pruning ratios r (fraction removed), one ticket per ratio; "
+                                      "empty ('') = pretraining only")
+    ticket: str = field("structured", "structured: whole channel units of the split groups, exported as a "
+                        "smaller model; unstructured: global magnitude of conv/linear weights",
+                        ("structured", "unstructured"))
+    prune_scope: str = field("per-group", "structured: the ratio applies to every group (per-group) or to all "
+                             "units together after per-group normalisation (global)", SCOPES)
+    prune_score: str = field("auto", "unit score: l2 (producer filter norm), bn (|gamma|), random; auto = bn "
+                             "for --method earlybird, random for --method random, else l2",
+                             ("auto", "l2", "bn", "random"))
+    min_keep: int = field(1, "structured: every group keeps at least this many units")
+    prune_levels: int = field(1, "unstructured: levels of pruning-and-retraining; each removes r of the survivors")
+    rewind: str = field("none", "weights the ticket starts fine-tuning from: none (the pruned pretrained "
+                        "weights), init (the initial weights) or round (the weights after --rewind_round)",
+                        ("none", "init", "round"))
+    rewind_round: int = field(0, "with --rewind round: the pretraining round whose weights are saved and used")
+    finetune_epochs: int = field(2, "fine-tuning epochs per ticket")
+    finetune_lr: float = field(0.01, "fine-tuning learning rate (cosine annealed)")
+    finetune_optimizer: str = field("sgd", "fine-tuning optimizer (sgd: momentum and weight decay of the "
+                                    "training flags; adamw)", OPTIMIZERS)
+    finetune_batch_size: int = field(64, "fine-tuning batch size per process")
+
+
+ALL_HPARAMS = PRETRAIN_HPARAMS + (TicketHparams,)
+
+
+def validate_tickets(t: TicketHparams) -> None:
+    checks = [
+        (all(0 <= r < 1 for r in t.ratios), f"--ratios must lie in [0, 1), got {t.ratios}"),
+        (t.min_keep >= 1, f"--min_keep must be >= 1 (got {t.min_keep})"),
+        (t.prune_levels >= 1, f"--prune_levels must be >= 1 (got {t.prune_levels})"),
+        (t.rewind != "round" or t.rewind_round >= 1, "--rewind round needs --rewind_round >= 1"),
+        (t.finetune_epochs >= 0, f"--finetune_epochs must be >= 0 (got {t.finetune_epochs})"),
+        (t.finetune_lr > 0, f"--finetune_lr must be > 0 (got {t.finetune_lr})"),
+        (t.finetune_batch_size >= 1, f"--finetune_batch_size must be >= 1 (got {t.finetune_batch_size})"),
+        (t.ticket == "unstructured" or t.prune_levels == 1, "--prune_levels > 1 is for --ticket unstructured"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def _score(method: str, requested: str) -> str:
+    if requested != "auto":
+        return requested
+    return {"earlybird": "bn", "random": "random"}.get(method, "l2")
+
+
+def _forward_flops(model: torch.nn.Module, shape: tuple[int, ...]) -> int:
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(shape, device=next(model.parameters()).device))
+    return int(counter.get_total_flops())
+
+
+def _latency_ms(model: torch.nn.Module, shape: tuple[int, ...], repeats: int = 10) -> float:
+    model.eval()
+    x = torch.zeros(shape, device=next(model.parameters()).device)
+    times = []
+    with torch.no_grad():
+        model(x)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t0)
+    return 1000 * sorted(times)[len(times) // 2]
+
+
+def _load(model: torch.nn.Module, path: str) -> torch.nn.Module:
+    model.load_state_dict(load_file(path), strict=True)
+    return model
+
+
+def run_pipeline(model_hp, data_hp, loft_hp, train_hp, det_hp, out_hp, ticket_hp: TicketHparams,
+                 print_fn=print) -> dict:
+    """Pretrain, then one ticket per ratio: prune, fine-tune with masks enforced, evaluate, export."""
+    validate_tickets(ticket_hp)
+    wandb_mode = tracker_mode(out_hp)
+    accelerator = start_accelerator(out_hp, wandb=wandb_mode != "disabled")
+    main = accelerator.is_main_process
+    say = print_fn if main else (lambda *a, **k: None)
+    pre = run_pretrain(model_hp, data_hp, loft_hp, train_hp, det_hp, out_hp, print_fn, accelerator=accelerator,
+                       rewind_round=ticket_hp.rewind_round if ticket_hp.rewind == "round" else 0)
+    run_dir = pre["run_dir"]
+    if not ticket_hp.ratios:
+        return pre
+    data = load_dataset(data_hp.dataset, data_hp.data_dir, data_hp.image_size or None, data_hp.augment)
+    shape = (1, data.in_chans, data.image_size, data.image_size)
+    score = _score(loft_hp.method, ticket_hp.prune_score)
+    world = accelerator.num_processes
+    fired = {t["detector"]: t["round"] for t in pre.get("tickets", [])}
+    rows = []
+    if wandb_mode != "disabled":
+        start_tracker(accelerator, out_hp, wandb_mode, {"TicketHparams": ticket_hp.to_dict()},
+                      f"{model_hp.model}-{data.name}", "finetune", os.path.basename(run_dir) + "-tickets", run_dir)
+    logger = RunLogger(run_dir if main else None, accelerator, wandb=wandb_mode != "disabled")
+    steps = [pre.get("rounds_done", 0)]
+    for ratio in ticket_hp.ratios:
+        tid = hparams_hash(dataclasses.replace(ticket_hp, ratios=(ratio,)))
+        tdir = os.path.join(run_dir, "tickets", f"{ticket_hp.ticket}-{score}-r{ratio:g}-{tid}")
+        result_path = os.path.join(tdir, "result.json")
+        if os.path.exists(result_path):
+            with open(result_path) as f:
+                rows.append(json.load(f))
+            say(f"ticket r={ratio:g} already fine-tuned: {tdir}")
+            continue
+        t0 = time.time()
+        model = _load(create_model(model_hp.model, data.num_classes, data.in_chans),
+                      os.path.join(run_dir, "model.safetensors"))
+        plan = make_plan(model, 1, model_hp.preset, shape, model_hp.model)
+        try:
+            if ticket_hp.ticket == "structured":
+                ticket = structured_ticket(model, plan, ratio, ticket_hp.prune_scope,
+                                           "l2" if score == "random" else score, ticket_hp.min_keep, train_hp.seed)
+                if score == "random":  # the control: same units per group, chosen at random
+                    ticket = random_ticket_like(ticket, train_hp.seed)
+                masks = ticket.masks(model)
+                meta = {"kind": "structured", "ratio": ratio, "score": score, "scope": ticket_hp.prune_scope,
+                        "groups": [{**r, "kept": k.tolist()} for r, k in zip(ticket.report(), ticket.kept)]}
+            else:
+                masks = None
+                for _ in range(ticket_hp.prune_levels):
+                    masks = magnitude_masks(model, ratio, masks)
+                if score == "random":
+                    masks = random_masks_like(masks, train_hp.seed)
+                meta = {"kind": "unstructured", "ratio_per_level": ratio, "levels": ticket_hp.prune_levels,
+                        "score": score}
+        except PruneError as exc:
+            raise ConfigError(str(exc)) from None
+        t_prune = time.time() - t0
+        start = {"none": None, "init": "init.safetensors",
+                 "round": f"round_{ticket_hp.rewind_round}.safetensors"}[ticket_hp.rewind]
+        if start is not None:
+            _load(model, os.path.join(run_dir, start))
+        report = sparsity_report(model, masks)
+        if main:
+            save_masks(tdir, masks, {**meta, "rewind": ticket_hp.rewind, "sparsity": report})
+        say(f"ticket r={ratio:g} ({ticket_hp.ticket}, {score}): keeps {report['params_kept'] / 1e6:.3f}M of "
+            f"{report['params_total'] / 1e6:.3f}M parameters; fine-tuning {ticket_hp.finetune_epochs} epochs",
+            flush=True)
+        def log(m, ratio=ratio):
+            say(f"  ticket r={ratio:g} fine-tune epoch {m['epoch']}: test acc {100 * m['test_acc']:.2f}%", flush=True)
+            steps[0] += 1  # one W&B step per fine-tuning epoch, increasing across tickets
+            logger.log({f"ticket_r{ratio:g}/{k}": v for k, v in m.items()}, step=steps[0], kind="ticket")
+
+        result = finetune(model, masks, data.train, data.test, accelerator, epochs=ticket_hp.finetune_epochs,
+                          lr=ticket_hp.finetune_lr, batch_size=ticket_hp.finetune_batch_size,
+                          optimizer=ticket_hp.finetune_optimizer, momentum=train_hp.momentum,
+                          weight_decay=train_hp.weight_decay, seed=train_hp.seed,
+                          eval_batch_size=data_hp.eval_batch_size, log=log)
+        model.cpu()
+        dense_flops = _forward_flops(model, shape)
+        row = {
+            "method": loft_hp.method, "model": model_hp.model, "S": pre.get("workers"), "L": pre.get("local_steps"),
+            "D": pre.get("replicas"), "rounds": pre.get("rounds_done"), "epochs": round(pre.get("epochs_done", 0), 2),
+            "detector": ",".join(sorted(fired)) or None, "detector_round": min(fired.values()) if fired else None,
+            "ticket": ticket_hp.ticket, "score": score, "ratio": ratio,
+            "params": report["params_total"], "kept_params": report["params_kept"],
+            "flops": dense_flops, "kept_flops": dense_flops,
+            "test_acc": result["test_acc"], "pretrain_test_acc": pre.get("test_acc"),
+            "pretrain_bytes": pre.get("sync_bytes_sent", 0.0),
+            # fine-tuning is DDP: a ring all-reduce of every gradient per step moves 2 (W-1)/W of them
+            "finetune_bytes": 2 * (world - 1) / world * 4 * report["params_total"] * result["steps"],
+            "pretrain_wall_s": pre.get("wall_s"), "prune_wall_s": t_prune, "finetune_wall_s": result["wall_s"],
+            "dir": tdir,
+        }
+        if ticket_hp.ticket == "structured":
+            small = compact_model(model, ticket)
+            row.update(kept_params=sum(p.numel() for p in small.parameters()),
+                       kept_flops=_forward_flops(small, shape), latency_ms=_latency_ms(small, shape),
+                       dense_latency_ms=_latency_ms(model, shape))
+            if main:
+                save_compact(os.path.join(tdir, "compact"), small, model_hp.model, data.num_classes, data.in_chans)
+        row["total_bytes"] = row["pretrain_bytes"] + row["finetune_bytes"]
+        if main:
+            save_weights(model, os.path.join(tdir, "finetuned.safetensors"))
+            with open(result_path, "w") as f:
+                json.dump(row, f, indent=1)
+        rows.append(row)
+        if dist.is_initialized():
+            dist.barrier()
+    columns = ["method", "model", "S", "L", "D", "rounds", "epochs", "detector", "detector_round", "ticket",
+               "score", "ratio", "params", "kept_params", "flops", "kept_flops", "test_acc", "pretrain_bytes",
+               "total_bytes", "pretrain_wall_s", "finetune_wall_s"]
+    logger.log_table("tickets", columns, [[r.get(c) for c in columns] for r in rows], step=steps[0] + 1)
+    logger.close()
+    if main:
+        summary_path = os.path.join(run_dir, "summary.json")
+        with open(summary_path) as f:
+            summary = json.load(f)
+        summary["ticket_rows"] = rows
+        with open(summary_path, "w") as f:
+            json.dump(summary, f, indent=1)
+    say("\n" + format_table(rows))
+    return {**pre, "ticket_rows": rows}

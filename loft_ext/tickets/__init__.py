@@ -1,0 +1,1 @@
+"""Tickets: pruning masks, mask-enforced fine-tuning, compact export."""
