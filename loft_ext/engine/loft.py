@@ -33,8 +33,13 @@ class Worker:
         self.param_names = {p: n for n, p in self.model.named_parameters()}
         self.grad_sync: Callable[[nn.Module], None] | None = None  # data-parallel replicas
         self.autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+        self.ds_engine = None          # a DeepSpeedEngine over self.model (loft_ext.parallel.ds)
+        self.clip_norm = 0.0           # per-worker gradient clipping under DeepSpeed (--ds_clip separate)
+        self.after_load: Callable[[], None] | None = None  # e.g. push values into DeepSpeed's master copy
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, loss_fn=nn.functional.cross_entropy) -> float:
+        if self.ds_engine is not None:
+            return self._deepspeed_step(x, y, loss_fn)
         self.model.train()
         with self.autocast():
             loss = loss_fn(self.model(x), y)
@@ -43,6 +48,17 @@ class Worker:
         if self.grad_sync is not None:
             self.grad_sync(self.model)
         self.optimizer.step()
+        return loss.item()
+
+    def _deepspeed_step(self, x, y, loss_fn) -> float:
+        """DeepSpeed owns backward (gradient all-reduce over the replicas) and step (zeroes the grads)."""
+        self.ds_engine.train()
+        with self.autocast():
+            loss = loss_fn(self.ds_engine(x), y)
+        self.ds_engine.backward(loss)
+        if self.clip_norm > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_norm)
+        self.ds_engine.step()
         return loss.item()
 
 
@@ -91,6 +107,8 @@ class LoFTEngine:
             if self.strategy is None:
                 w.slicer.load(self.partition)
                 self.load_optimizer_state(w)
+            if w.after_load is not None:
+                w.after_load()
             if lr is not None:
                 for group in w.optimizer.param_groups:
                     group["lr"] = lr

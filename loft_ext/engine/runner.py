@@ -22,10 +22,12 @@ from ..data import DATA_ORDERS, DATASETS, BatchStream, DataError, load_dataset
 from ..hparams import Hparams, field, hparams_hash
 from ..models import create_model
 from ..parallel import analytic
+from ..parallel import ds
+from ..parallel.ds import CLIP_MODES, DeepSpeedConfigError, LoftMPU
 from ..parallel.grid import GridError, build_grid, check_world
 from ..parallel.sync import STRATEGIES
 from ..partition.plan import PRESETS, make_plan
-from ..partition.subnet import tensors_of
+from ..partition.subnet import read_slice, tensors_of
 from .loft import OPTIMIZER_STATE_MODES, LoFTEngine
 from ..plugins.base import Plugin
 from ..plugins.distance import DistanceStop, FilterDistance
@@ -113,6 +115,19 @@ class DetectorHparams(Hparams):
     earlybird_ratio: float = field(0.5, "Early-Bird pruning ratio p of the BN-gamma mask")
     earlybird_every: int = field(0, "Early-Bird check every k rounds; 0 = at every epoch end")
     earlybird_stop: bool = field(False, "stop pretraining when Early-Bird fires (else report)")
+
+
+@dataclass
+class DeepSpeedHparams(Hparams):
+    """DeepSpeed (docs/deepspeed.md)"""
+
+    deepspeed: bool = field(False, "wrap each rank's sub-network in a DeepSpeedEngine whose model-parallel "
+                            "group is the filter axis (launch with `deepspeed --num_gpus N`)")
+    deepspeed_config: str = field("", "ds_config JSON (see ds_configs/); train_batch_size must equal "
+                                  "micro batch x accumulation x D")
+    ds_clip: str = field("joint", "with gradient_clipping > 0: clip all workers' gradients jointly "
+                         "(DeepSpeed's norm over the filter group) or each worker separately", CLIP_MODES)
+    local_rank: int = field(-1, "set by the deepspeed launcher (ignored: the rank comes from the environment)")
 
 
 @dataclass
@@ -207,6 +222,23 @@ class DebugHashes(Plugin):
 
     def wants_model(self, loop, round_index, epoch_end):
         return True
+
+    def on_round_start(self, loop, round_index):
+        """Under DeepSpeed: the round's slices must be what the engine (and its fp32 master copy) holds."""
+        for w in loop.engine.workers:
+            if w.ds_engine is None:
+                continue
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            ok = True
+            for name, p in w.model.named_parameters():
+                full = w.slicer.full_tensors[name]
+                if full.numel():  # the full model is current (allgather): the module holds its slice
+                    ok &= torch.equal(p.detach(), read_slice(full, w.slicer.indices(loop.engine.partition, name)))
+                master = safe_get_full_fp32_param(p)
+                ok &= master is None or torch.equal(master.to(p.dtype).view_as(p), p.detach())
+            self.file.write(json.dumps({"round": round_index, "master_matches": bool(ok),
+                                        "master_copy": ds.master_copy(w.ds_engine)}) + "\n")
 
     def on_local_step_end(self, loop, worker, step, loss):
         sub = loop.engine.workers[loop.local_index[worker]].model
@@ -326,7 +358,8 @@ def communication_report(engine: LoFTEngine, model, rounds: int, steps: int, ele
 
 def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHparams,
                  train_hp: TrainHparams, det_hp: DetectorHparams, out_hp: OutputHparams,
-                 print_fn=print, accelerator=None, rewind_round: int = 0) -> dict:
+                 print_fn=print, accelerator=None, rewind_round: int = 0,
+                 ds_hp: DeepSpeedHparams | None = None) -> dict:
     """LoFT (or dense) pretraining with plugins; returns summary.json's content plus ``run_dir``.
 
     Saves ``init.safetensors`` (the initial weights), ``model.safetensors`` (the assembled model at the
@@ -346,6 +379,19 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
     except GridError as exc:
         raise ConfigError(str(exc)) from None
     say = print_fn if main else (lambda *a, **k: None)
+    ds_cfg = None
+    if ds_hp is not None and ds_hp.deepspeed:
+        if world == 1:
+            raise ConfigError("--deepspeed needs one process per worker: launch with "
+                              f"`deepspeed --num_gpus {workers} recipes/loft_timm.py --deepspeed ...`")
+        try:
+            ds_cfg = ds.load_ds_config(ds_hp.deepspeed_config, data_hp.batch_size, replicas)
+        except DeepSpeedConfigError as exc:
+            raise ConfigError(str(exc)) from None
+        if optimizer_state == "carry" and ds_cfg.get("zero_optimization", {}).get("stage", 0) > 0:
+            raise ConfigError("--optimizer_state carry needs zero_optimization.stage 0 under DeepSpeed (ZeRO "
+                              "keeps optimizer state in flat partitions); use reset or a stage-0 config")
+        data_hp = dataclasses.replace(data_hp, batch_size=ds_cfg["train_micro_batch_size_per_gpu"])
     data = load_dataset(data_hp.dataset, data_hp.data_dir, data_hp.image_size or None, data_hp.augment)
     # everything that can refuse the run happens before the run directory is touched
     torch.manual_seed(train_hp.seed)
@@ -355,6 +401,9 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
     hashed = (model_hp, data_hp, loft_hp, train_hp, det_hp)
     # S simulated workers and S processes give the same run; D replicas change the batch, so D is named
     run_id = hparams_hash(*hashed)
+    if ds_cfg is not None:  # clipping or precision in the config can change the result
+        run_id = hashlib.sha256(f"{run_id}-{json.dumps(ds_cfg, sort_keys=True)}-{ds_hp.ds_clip}".encode()
+                                ).hexdigest()[:12]
     if replicas > 1:
         run_id = hashlib.sha256(f"{run_id}-replicas{replicas}".encode()).hexdigest()[:12]
     name = f"{model_hp.model}-{run_id}"
@@ -388,6 +437,10 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
                         grid=grid, strategy=loft_hp.sync)
     for w in engine.workers:
         w.autocast = accelerator.autocast
+        if ds_cfg is not None:
+            w.ds_engine, _, w.clip_norm = ds.initialize(w.model, w.optimizer, ds_cfg, LoftMPU(grid), ds_hp.ds_clip)
+            w.grad_sync = None  # DeepSpeed all-reduces gradients over the mpu's data group
+            w.after_load = (lambda e=w.ds_engine: ds.push_values(e))
     d_index = grid.data_index if grid else 0
     streams = {w.index: BatchStream(data.train, data_hp.batch_size, w.index, workers,
                                     data_hp.data_order, train_hp.seed, replica=d_index, replicas=replicas,
@@ -400,7 +453,7 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
                               generator=torch.Generator().manual_seed(train_hp.seed))
 
     where = (f"{world} processes = S={workers} x D={replicas} ({loft_hp.sync}, "
-             f"{dist.get_backend()})" if grid else "1 process, workers simulated")
+             f"{dist.get_backend()}{', DeepSpeed' if ds_cfg else ''})" if grid else "1 process, workers simulated")
     say(f"{model_hp.model} on {data.name} ({loft_hp.method}): {full_params / 1e6:.2f}M params; "
         f"{len(plan.split)} split groups ({model_hp.preset}); per-worker parameter fraction {fractions}; "
         f"S={workers} L={loft_hp.local_steps} rounds={rounds} ({rounds_per_epoch}/epoch); {where}; "

@@ -1,0 +1,152 @@
+"""DeepSpeed: LoFT's filter axis as DeepSpeed's model-parallel group.
+
+:class:`LoftMPU` presents the :class:`~loft_ext.parallel.grid.FilterGrid` to ``deepspeed.initialize``:
+model parallel = the filter group (rank = worker index, world = S), data parallel = the replicas of a
+worker (world = D), no pipeline. Each rank then wraps its own sub-network in one DeepSpeedEngine, so
+DeepSpeed's gradient all-reduce and ZeRO partitioning run over the replicas of one worker only, and
+LoFT's sync runs over the filter group between rounds.
+
+It deliberately has no ``initialize_sequence_parallel``: DeepSpeed takes an mpu with that attribute
+for its Ulysses helper, drops the data-parallel group and ignores model parallelism.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import torch.nn as nn
+
+from .grid import FilterGrid
+
+CLIP_MODES = ("joint", "separate")
+
+
+class DeepSpeedConfigError(ValueError):
+    """A ds_config that cannot run LoFT correctly; the message names the key and what works."""
+
+
+class LoftMPU:
+    """The model-parallel unit DeepSpeed asks for (every method the installed version calls)."""
+
+    def __init__(self, grid: FilterGrid):
+        self.grid = grid
+
+    # model parallel = the S filter workers of one replica
+    def get_model_parallel_rank(self) -> int:
+        return self.grid.filter_index
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.grid.workers
+
+    def get_model_parallel_group(self):
+        return self.grid.filter_group
+
+    # DeepSpeed prefers the tensor_model_parallel names when they exist
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        """Global rank of model-parallel rank 0 in this rank's filter group."""
+        return self.grid.filter_ranks[0]
+
+    # data parallel = the D replicas of this worker
+    def get_data_parallel_rank(self) -> int:
+        return self.grid.data_index
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.grid.replicas
+
+    def get_data_parallel_group(self):
+        return self.grid.data_group
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return list(self.grid.data_ranks)
+
+    # no pipeline parallelism
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return 0
+
+    def get_pipeline_model_parallel_group(self):
+        return None
+
+
+def load_ds_config(path: str, micro_batch: int, replicas: int) -> dict:
+    """Read and check a ds_config for LoFT; every refusal names the key and the fix."""
+    if not path:
+        raise DeepSpeedConfigError("--deepspeed needs --deepspeed_config PATH (see ds_configs/)")
+    if not os.path.isfile(path):
+        raise DeepSpeedConfigError(f"DeepSpeed config {path!r} does not exist; see ds_configs/ for the shipped ones")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise DeepSpeedConfigError(f"DeepSpeed config {path!r} is not valid JSON ({exc})") from None
+    accum = cfg.get("gradient_accumulation_steps", 1)
+    micro = cfg.get("train_micro_batch_size_per_gpu", micro_batch)
+    if accum != 1:
+        raise DeepSpeedConfigError(f"{path}: gradient_accumulation_steps={accum}; LoFT's local step is one "
+                                   "optimizer step, set it to 1 (and raise the micro batch instead)")
+    if "train_batch_size" not in cfg or cfg["train_batch_size"] == "auto":
+        raise DeepSpeedConfigError(f"{path}: train_batch_size must be explicit (micro batch x accumulation x D "
+                                   f"= {micro} x {accum} x {replicas} = {micro * accum * replicas} here)")
+    if cfg["train_batch_size"] != micro * accum * replicas:
+        raise DeepSpeedConfigError(
+            f"{path}: train_batch_size={cfg['train_batch_size']} does not match train_micro_batch_size_per_gpu "
+            f"x gradient_accumulation_steps x D = {micro} x {accum} x {replicas} = {micro * accum * replicas}")
+    stage = cfg.get("zero_optimization", {}).get("stage", 0)
+    if cfg.get("fp16", {}).get("enabled") and stage == 0:
+        raise DeepSpeedConfigError(f"{path}: fp16.enabled with zero_optimization.stage 0 cannot take LoFT's "
+                                   "per-round weights (DeepSpeed's fp32 master copy ignores safe_set_* there); "
+                                   "use zero_optimization.stage 1, or torch_autocast with bf16")
+    if stage > 2:
+        raise DeepSpeedConfigError(f"{path}: zero_optimization.stage {stage}: LoFT supports stages 0-2 (stage 3 "
+                                   "shards the parameters a round writes)")
+    if "optimizer" in cfg:
+        raise DeepSpeedConfigError(f"{path}: remove the 'optimizer' section: loft_ext passes its own SGD so "
+                                   "that optimizer state per round (reset/carry) works the same everywhere")
+    if "gradient_clipping" not in cfg:
+        raise DeepSpeedConfigError(f"{path}: set gradient_clipping explicitly (DeepSpeed's default is 1.0, "
+                                   "all-reduced over the filter workers every step); 0.0 turns it off")
+    cfg["train_micro_batch_size_per_gpu"] = micro
+    return cfg
+
+
+def master_copy(engine) -> bool:
+    """Whether DeepSpeed keeps an fp32 master copy that would overwrite in-place writes at step()."""
+    stage = engine.zero_optimization_stage()
+    return stage > 0 or engine.bfloat16_enabled() or engine.fp16_enabled()
+
+
+def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: dict, mpu: LoftMPU, clip: str):
+    """One DeepSpeedEngine over one worker's sub-network. ``clip``: ``joint`` lets DeepSpeed clip the
+    norm of all workers' gradients together (all-reduced over the filter group every step);
+    ``separate`` clips each worker's own gradients (DeepSpeed's clipping is switched off and loft_ext
+    clips between backward and step)."""
+    import deepspeed
+
+    if clip not in CLIP_MODES:
+        raise DeepSpeedConfigError(f"--ds_clip must be one of {CLIP_MODES}, got {clip!r}")
+    max_norm = float(cfg.get("gradient_clipping", 0.0))
+    if clip == "separate":
+        cfg = {**cfg, "gradient_clipping": 0.0}
+    engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg, mpu=mpu)
+    return engine, ds_optimizer, (max_norm if clip == "separate" else 0.0)
+
+
+@torch.no_grad()
+def push_values(engine) -> None:
+    """After a round's slices were copied into the module in place, make DeepSpeed's fp32 master copy
+    (ZeRO 1/2, bf16/fp16 wrappers) take them; at ZeRO 0 in fp32 the module's tensors are the ones that
+    step() updates, so there is nothing to do. (Resetting momentum needs no call: clearing the client
+    optimizer's state clears the state ZeRO keeps in it.)"""
+    if not master_copy(engine):
+        return
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    for p in engine.module.parameters():
+        safe_set_full_fp32_param(p, p.detach().clone().float())
