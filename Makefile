@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 # DeepSpeed is installed without compiled ops; it builds what it needs at run time.
 export DS_BUILD_OPS := 0
 
-.PHONY: install run run-single test test-fast partition-report clean
+.PHONY: install run run-single test test-fast bench partition-report clean
 
 install: $(STAMP)
 
@@ -37,6 +37,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	WANDB_MODE=disabled OMP_NUM_THREADS=1 $(PY) -m pytest -q -m 'not slow' $(PYTEST_ARGS)
+
+# communication benchmark on real gloo processes (a few minutes on 2 CPU cores): bytes per rank per epoch
+bench: $(STAMP)
+	$(PY) benchmarks/communication.py
 
 partition-report: $(STAMP)
 	$(PY) benchmarks/partition_report.py

@@ -134,3 +134,18 @@ def test_world_size_not_a_multiple_of_s_is_refused(tmp_path):
     proc = _launch("torchrun", 2, ["--workers", "3", "--ratios", ""], tmp_path)
     assert proc.returncode != 0
     assert "world size 2 is not a multiple of S=3" in proc.stderr
+
+
+def test_uneven_split_on_three_processes(tmp_path):
+    # resnet18's hidden widths (64..512) do not divide by 3: workers hold 22/21/21 ... units
+    hashes = {}
+    for strategy in ("allgather", "alltoall"):
+        out = tmp_path / strategy
+        proc = _launch("torchrun", 3, FAST + ["--workers", "3", "--sync", strategy, "--rounds", "2"], out)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        run_dir = _run_dir(out)
+        hashes[strategy] = [_assembled(run_dir, r) for r in range(3)]
+        assert hashes[strategy][0] == hashes[strategy][1] == hashes[strategy][2]
+        for r in range(3):
+            _check_counts(_comm(run_dir, r))
+    assert hashes["allgather"][0] == hashes["alltoall"][0]

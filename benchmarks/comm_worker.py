@@ -1,0 +1,94 @@
+"""One rank of the communication benchmark (launched by benchmarks/communication.py with torchrun).
+
+Runs a few real rounds or steps of one method on random CIFAR-sized data (bytes do not depend on the
+data) and writes what the counting layer measured, per rank, to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from loft_ext.engine.loft import LoFTEngine  # noqa: E402
+from loft_ext.models import create_model  # noqa: E402
+from loft_ext.parallel.comm import Comm  # noqa: E402
+from loft_ext.parallel.grid import build_grid  # noqa: E402
+from loft_ext.partition.plan import make_plan  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--method", choices=["ddp", "localsgd", "allgather", "alltoall"], required=True)
+    ap.add_argument("--local_steps", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--preset", default="all")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    model = create_model(args.model, num_classes=10, in_chans=3)
+    g = torch.Generator().manual_seed(rank)
+
+    def batch():
+        return torch.randn(args.batch, 3, 32, 32, generator=g), torch.randint(0, 10, (args.batch,), generator=g)
+
+    comm = Comm()
+    steps = args.rounds * args.local_steps
+    if args.method in ("ddp", "localsgd"):
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        if args.method == "ddp":
+            ddp = torch.nn.parallel.DistributedDataParallel(model)
+
+            def counting_hook(state, bucket):  # the bytes DDP's ring all-reduce moves for this bucket
+                n = bucket.buffer().numel() * bucket.buffer().element_size()
+                moved = 2 * (world - 1) / world * n
+                comm._count(moved, moved)
+                return default_hooks.allreduce_hook(None, bucket)
+
+            ddp.register_comm_hook(None, counting_hook)
+            net = ddp
+        else:
+            net = model
+        for step in range(steps):
+            x, y = batch()
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if args.method == "localsgd" and (step + 1) % args.local_steps == 0:
+                flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+                comm.all_reduce(flat)  # full-model average every L steps
+        rounds = steps // args.local_steps
+    else:
+        grid = build_grid(world)
+        plan = make_plan(model, world, args.preset, (1, 3, 32, 32), args.model)
+        engine = LoFTEngine(model, plan, lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9), seed=0,
+                            grid=grid, comm=comm, strategy=args.method)
+        for r in range(args.rounds):
+            engine.begin_round(r)
+            for _ in range(args.local_steps):
+                engine.workers[0].train_step(*batch())
+            engine.sync()
+        rounds = args.rounds
+    totals = comm.totals()
+    sent = sum(c["bytes_sent"] for c in totals.values())
+    with open(f"{args.out}.rank{rank}.json", "w") as f:
+        json.dump({"rank": rank, "world": world, "method": args.method, "model": args.model, "steps": steps,
+                   "rounds": rounds, "bytes_sent": sent, "phases": totals}, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
