@@ -41,6 +41,7 @@ test-fast: $(STAMP)
 # communication benchmark on real gloo processes (a few minutes on 2 CPU cores): bytes per rank per epoch
 bench: $(STAMP)
 	$(PY) benchmarks/communication.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/step_time.py
 
 partition-report: $(STAMP)
 	$(PY) benchmarks/partition_report.py
