@@ -25,7 +25,7 @@ from ..parallel import analytic
 from ..parallel import ds
 from ..parallel.ds import CLIP_MODES, DeepSpeedConfigError, LoftMPU
 from ..parallel.grid import GridError, build_grid, check_world
-from ..parallel.sync import STRATEGIES
+from ..parallel.sync import STRATEGIES, AllGatherSync
 from ..partition.plan import PRESETS, make_plan
 from ..partition.subnet import read_slice, tensors_of
 from .loft import OPTIMIZER_STATE_MODES, LoFTEngine
@@ -336,7 +336,7 @@ def communication_report(engine: LoFTEngine, model, rounds: int, steps: int, ele
     grid, plan = engine.grid, engine.plan
     copies = 1 if engine.optimizer_state == "carry" else 0  # SGD momentum: one state tensor per param
     worker = grid.filter_index
-    if engine.strategy.__class__.__name__ == "AllGatherSync":
+    if isinstance(engine.strategy, AllGatherSync):
         sync_sent = sync_recv = analytic.allgather_round_bytes(model, plan, grid.world_size, elem, copies) * rounds
     else:
         sync_sent = sync_recv = 0.0

@@ -52,6 +52,7 @@ class _Strategy:
         self.w = engine.workers[0]
         self.plan, self.grid, self.comm = engine.plan, engine.grid, engine.comm
         self.full_shapes = {n: tuple(t.shape) for n, t in self.w.slicer.full_tensors.items()}
+        self.units = [self.plan.units_of(t) for t in range(self.plan.workers)]  # fixed for the whole run
         dtypes = {t.dtype for t in self.w.slicer.sub_tensors.values() if t.is_floating_point()}
         if len(dtypes) > 1:
             raise ValueError(f"loft_ext syncs one floating dtype per model; this one mixes {sorted(map(str, dtypes))}:"
@@ -130,7 +131,7 @@ class AllGatherSync(_Strategy):
         self.average_split_buffers_over_replicas()
         S = self.plan.workers
         items = self.items(split=True)
-        shapes = [[self.plan.sub_shape(n, self.full_shapes[n], t) for n, _ in items] for t in range(S)]
+        shapes = [[self.plan.narrow_shape(n, self.full_shapes[n], self.units[t]) for n, _ in items] for t in range(S)]
         sizes = [sum(math.prod(s) for s in shapes[t]) for t in range(S)]
         longest = max(sizes)
         mine = _pack([self.sub_item(*it) for it in items], longest)
