@@ -133,6 +133,7 @@ class WorkerSampler(Sampler[int]):
         self.n, self.worker, self.workers, self.order, self.seed = n, worker, workers, order, seed
         self.replica, self.replicas = replica, replicas
         self.epoch = 0
+        self.skip = 0  # positions of the current epoch already consumed (a resumed run), used once
         if order == "shard":
             self.shard = torch.randperm(n, generator=_generator(seed, 7919))[worker::workers]
 
@@ -149,7 +150,8 @@ class WorkerSampler(Sampler[int]):
             order = self.shard[torch.randperm(len(self.shard), generator=g)]
         else:
             order = torch.randperm(self.n, generator=g)
-        return iter(order[self.replica::self.replicas].tolist())
+        skip, self.skip = self.skip, 0
+        return iter(order[self.replica::self.replicas][skip:].tolist())
 
 
 class BatchStream:
@@ -165,7 +167,9 @@ class BatchStream:
                             f"batch of {batch_size}; lower --batch_size")
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True,
                                  num_workers=num_workers)
+        self.batch_size = batch_size
         self.epoch = 0
+        self.consumed = 0  # batches of the current epoch already returned
         self._it = iter(self.loader)
 
     @property
@@ -177,7 +181,20 @@ class BatchStream:
             x, y = next(self._it)
         except StopIteration:
             self.epoch += 1
+            self.consumed = 0
             self.sampler.set_epoch(self.epoch)
             self._it = iter(self.loader)
             x, y = next(self._it)
+        self.consumed += 1
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def state_dict(self) -> dict:
+        """The stream's position: orders are functions of (seed, worker, epoch), so this is all of it."""
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue at ``state``'s position, skipping consumed samples without loading them."""
+        self.epoch, self.consumed = state["epoch"], state["consumed"]
+        self.sampler.set_epoch(self.epoch)
+        self.sampler.skip = self.consumed * self.batch_size
+        self._it = iter(self.loader)

@@ -8,6 +8,10 @@ Default (no flags): resnet18 on scikit-learn's bundled digits, S=2, one structur
   accelerate launch recipes/loft_timm.py           one process per GPU (NCCL); on CPU:
   ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 recipes/loft_timm.py
 Every flag is generated from loft_ext's hparam dataclasses; see docs/usage.md.
+
+Exit status: 0 done; 2 bad input (one "error:" line, nothing trained or overwritten); 1 the run failed
+(non-finite values, a lost rank: the last checkpoint is kept); 128+N preempted by signal N (143 for
+SIGTERM, 130 for SIGINT) after writing a checkpoint: rerun with --resume latest (docs/reliability.md).
 """
 import argparse
 import os
@@ -19,7 +23,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from loft_ext.data import DataError  # noqa: E402
 from loft_ext.engine.pipeline import ALL_HPARAMS, run_pipeline  # noqa: E402
-from loft_ext.engine.runner import ConfigError  # noqa: E402
+from loft_ext.engine.loop import TrainingFailure  # noqa: E402
+from loft_ext.engine.runner import ConfigError, Preempted  # noqa: E402
 from loft_ext.models import ModelError  # noqa: E402
 from loft_ext.partition.graph import PartitionError  # noqa: E402
 
@@ -34,6 +39,12 @@ def main(argv=None) -> int:
     except (ConfigError, DataError, ModelError, PartitionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TrainingFailure as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Preempted as exc:
+        print(str(exc), file=sys.stderr)
+        return 128 + exc.signum
     finally:
         # gloo can abort at interpreter exit if the group outlives the models: tear it down here
         if dist.is_available() and dist.is_initialized():

@@ -68,6 +68,10 @@ def evaluate(model: nn.Module, loader: DataLoader, recalibrate: DataLoader | Non
     return {"test_loss": loss_sum / max(total, 1), "test_acc": correct / max(total, 1)}
 
 
+class TrainingFailure(RuntimeError):
+    """The run cannot go on (non-finite values, a lost rank); the message names where and why."""
+
+
 @dataclass
 class LoopState:
     round_index: int = 0
@@ -99,7 +103,10 @@ class LoFTLoop:
         self.state = LoopState(worker_losses=[[] for _ in engine.workers])
         self.local_index = {w.index: i for i, w in enumerate(engine.workers)}
         self.stop = False
+        self.preempted = False  # the run ended on a preemption request (checkpointed, not finished)
         self.stop_reasons: list[str] = []
+        self.preempt_requested = False
+        self.failures: list[str] = []
 
     # ------------------------------------------------------------------ for plugins
     def emit(self, event: str, *args) -> None:
@@ -109,9 +116,16 @@ class LoFTLoop:
     def is_epoch_end(self, round_index: int) -> bool:
         return (round_index + 1) % self.rounds_per_epoch == 0 or round_index + 1 == self.rounds
 
-    def request_stop(self, reason: str) -> None:
-        """Ask the loop to end pretraining after this round (agreed over all ranks)."""
+    def request_stop(self, reason: str, preempt: bool = False) -> None:
+        """Ask the loop to end pretraining after this round (agreed over all ranks). ``preempt``: the
+        job is being stopped from outside; the run is checkpointed and left unfinished, not evaluated."""
         self.stop_reasons.append(reason)
+        self.preempt_requested |= preempt
+
+    def fail(self, message: str) -> None:
+        """Report a failure (e.g. non-finite values): every rank raises :class:`TrainingFailure` after
+        this round's sync, before anything of the round is checkpointed."""
+        self.failures.append(message)
 
     def ticket_found(self, detector: str, info: dict) -> None:
         """A detector says the ticket has emerged: recorded, logged, and passed to every plugin."""
@@ -123,7 +137,8 @@ class LoFTLoop:
     def state_dict(self) -> dict:
         """The loop's and every plugin's state (JSON-serialisable), e.g. for a checkpoint."""
         state = {"loop": {"round_index": self.state.round_index, "epoch": self.state.epoch,
-                          "history": self.state.history, "tickets": self.state.tickets},
+                          "history": self.state.history, "tickets": self.state.tickets,
+                          "worker_losses": self.state.worker_losses},
                  "plugins": {p.name: p.state_dict() for p in self.plugins}}
         self.emit("on_checkpoint_save", state)
         return state
@@ -132,6 +147,8 @@ class LoFTLoop:
         loop = state["loop"]
         self.state.round_index, self.state.epoch = loop["round_index"], loop["epoch"]
         self.state.history, self.state.tickets = list(loop["history"]), list(loop["tickets"])
+        if "worker_losses" in loop:
+            self.state.worker_losses = [list(v) for v in loop["worker_losses"]]
         for p in self.plugins:
             p.load_state_dict(state["plugins"].get(p.name, {}))
         self.emit("on_checkpoint_load", state)
@@ -157,14 +174,16 @@ class LoFTLoop:
             self.engine.comm.all_gather(out, mine, group=grid.filter_group)
         return out.tolist()
 
-    def _agree_on_stop(self) -> bool:
-        flag = torch.tensor([1.0 if self.stop_reasons else 0.0])
+    def _agree(self) -> tuple[bool, bool, bool]:
+        """(stop, preempt, failed), agreed by one all-reduce (max) so every rank acts alike."""
+        flags = torch.tensor([float(bool(self.stop_reasons)), float(self.preempt_requested), float(bool(self.failures))])
         if self.engine.grid is not None:
             with self.engine.comm.phase("metric"):
-                self.engine.comm.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and not self.stop_reasons:
+                self.engine.comm.all_reduce(flags, op=dist.ReduceOp.MAX)
+        stop, preempt, failed = (bool(v) for v in flags.tolist())
+        if stop and not self.stop_reasons:
             self.stop_reasons.append("another rank's plugin asked to stop")
-        return bool(flag.item())
+        return stop, preempt, failed
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
@@ -200,8 +219,12 @@ class LoFTLoop:
             finally:
                 if model is not None:
                     self.engine.release()
-            self.stop = self._agree_on_stop()
-            if epoch_end or self.stop:
+            stop, preempt, failed = self._agree()
+            if failed:
+                raise TrainingFailure(self.failures[0] if self.failures else
+                                      f"another rank stopped the run in round {r + 1} (its message names the cause)")
+            self.stop = stop
+            if epoch_end or (stop and not preempt):
                 self.state.epoch += 1
                 metrics = {"epoch": self.state.epoch, "round": r + 1, "lr": lr,
                            "worker_loss": self._gather_losses(self.state.worker_losses), **self.evaluate()}
@@ -210,5 +233,9 @@ class LoFTLoop:
                 self.emit("on_evaluation", metrics)
                 self.logger.log(metrics, step=r + 1, kind="epoch")
                 self.emit("on_epoch_end", self.state.epoch, metrics)
+            self.preempted = preempt and self.state.round_index < self.rounds
+            self.emit("on_round_end", r)
+            if preempt:
+                break
         self.emit("on_fit_end", metrics)
         return metrics

@@ -29,8 +29,8 @@ from ..tickets.masks import save_masks
 from ..tickets.prune import (SCOPES, PruneError, magnitude_masks, random_masks_like, random_ticket_like,
                              sparsity_report, structured_ticket)
 from ..tracking import RunLogger
-from .runner import (PRETRAIN_HPARAMS, ConfigError, DeepSpeedHparams, run_pretrain, save_weights,
-                     start_accelerator, start_tracker, tracker_mode)
+from .runner import (PRETRAIN_HPARAMS, CheckpointHparams, ConfigError, DeepSpeedHparams, run_pretrain,
+                     save_weights, start_accelerator, start_tracker, tracker_mode, validate_checkpointing)
 
 
 @dataclass
@@ -60,7 +60,7 @@ class TicketHparams(Hparams):
     finetune_batch_size: int = field(64, "fine-tuning batch size per process")
 
 
-ALL_HPARAMS = PRETRAIN_HPARAMS + (TicketHparams, DeepSpeedHparams)
+ALL_HPARAMS = PRETRAIN_HPARAMS + (TicketHparams, DeepSpeedHparams, CheckpointHparams)
 
 
 def validate_tickets(t: TicketHparams) -> None:
@@ -111,15 +111,20 @@ def _load(model: torch.nn.Module, path: str) -> torch.nn.Module:
 
 
 def run_pipeline(model_hp, data_hp, loft_hp, train_hp, det_hp, out_hp, ticket_hp: TicketHparams,
-                 ds_hp: DeepSpeedHparams | None = None, print_fn=print) -> dict:
+                 ds_hp: DeepSpeedHparams | None = None, ckpt_hp: CheckpointHparams | None = None,
+                 print_fn=print) -> dict:
     """Pretrain, then one ticket per ratio: prune, fine-tune with masks enforced, evaluate, export."""
     validate_tickets(ticket_hp)
+    ckpt_hp = ckpt_hp or CheckpointHparams()
+    validate_checkpointing(ckpt_hp)
     wandb_mode = tracker_mode(out_hp)
-    accelerator = start_accelerator(out_hp, wandb=wandb_mode != "disabled")
+    accelerator = start_accelerator(out_hp, wandb=wandb_mode != "disabled",
+                                    collective_timeout=ckpt_hp.collective_timeout)
     main = accelerator.is_main_process
     say = print_fn if main else (lambda *a, **k: None)
     pre = run_pretrain(model_hp, data_hp, loft_hp, train_hp, det_hp, out_hp, print_fn, accelerator=accelerator,
-                       rewind_round=ticket_hp.rewind_round if ticket_hp.rewind == "round" else 0, ds_hp=ds_hp)
+                       rewind_round=ticket_hp.rewind_round if ticket_hp.rewind == "round" else 0, ds_hp=ds_hp,
+                       ckpt_hp=ckpt_hp)
     run_dir = pre["run_dir"]
     if not ticket_hp.ratios:
         return pre

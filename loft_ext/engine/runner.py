@@ -11,13 +11,16 @@ import json
 import math
 import os
 import shutil
+import signal
 import time
+from datetime import timedelta
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from ..checkpoint import CheckpointError, CheckpointStore
 from ..data import DATA_ORDERS, DATASETS, BatchStream, DataError, load_dataset
 from ..hparams import Hparams, field, hparams_hash
 from ..models import create_model
@@ -28,13 +31,17 @@ from ..parallel.grid import GridError, build_grid, check_world
 from ..parallel.sync import STRATEGIES, AllGatherSync
 from ..partition.plan import PRESETS, make_plan
 from ..partition.subnet import read_slice, tensors_of
-from .loft import OPTIMIZER_STATE_MODES, LoFTEngine
 from ..plugins.base import Plugin
 from ..plugins.distance import DistanceStop, FilterDistance
 from ..plugins.earlybird import EarlyBird
+from ..plugins.guard import NonFiniteGuard
+from ..plugins.preemption import Preemption
 from ..plugins.progress import Progress
 from ..tracking import RunLogger, TrackingError, resolve_wandb_mode
-from .loop import LoFTLoop, lr_at
+from . import checkpointing
+from .checkpointing import CHECKPOINT_DIR, Checkpointer
+from .loft import OPTIMIZER_STATE_MODES, LoFTEngine
+from .loop import LoFTLoop, TrainingFailure, lr_at
 
 
 METHODS = ("loft", "dense", "earlybird", "random")
@@ -131,11 +138,26 @@ class DeepSpeedHparams(Hparams):
 
 
 @dataclass
+class CheckpointHparams(Hparams):
+    """Checkpoints and fault tolerance (docs/reliability.md)"""
+
+    checkpoint_every: int = field(0, "checkpoint the full LoFT state every k rounds into <run_dir>/checkpoints/; "
+                                  "0 = at every epoch end, -1 = only when preempted (SIGTERM/SIGINT)")
+    keep_checkpoints: int = field(2, "complete checkpoints kept (older ones are deleted after a new one is "
+                                  "committed)")
+    resume: str = field("", "continue an unfinished run: 'latest' (the newest complete checkpoint in the run "
+                        "directory; a fresh start if there is none) or a checkpoint directory")
+    collective_timeout: float = field(1800.0, "seconds any collective may wait; a rank that died or hangs ends "
+                                      "the job after at most this long")
+
+
+@dataclass
 class OutputHparams(Hparams):
     """Output and runtime"""
 
     output_dir: str = field("runs", "runs are stored in <output_dir>/<model>-<hash of hparams>/")
-    force: bool = field(False, "retrain a run that already finished (the old directory is kept, renamed)")
+    force: bool = field(False, "retrain a run that already finished, or restart an unfinished one that has "
+                        "checkpoints (the old directory is kept, renamed)")
     mixed_precision: str = field("no", "autocast for the workers' forward passes (bf16 on GPU)", ("no", "bf16"))
     cpu: bool = field(False, "run on CPU even when GPUs are present (gloo instead of NCCL)")
     tracker: str = field("wandb", "experiment tracker through Accelerate: wandb or none (files in the run "
@@ -152,6 +174,26 @@ PRETRAIN_HPARAMS = (ModelHparams, DataHparams, LoftHparams, TrainHparams, Detect
 
 class ConfigError(ValueError):
     """Hparams that cannot work together; the message says which flag and what would work."""
+
+
+class Preempted(Exception):
+    """The run was stopped by SIGTERM/SIGINT at a round boundary, with a checkpoint to resume from."""
+
+    def __init__(self, signum: int, rounds_done: int, checkpoint: str | None):
+        self.signum, self.rounds_done, self.checkpoint = signum, rounds_done, checkpoint
+        super().__init__(f"preempted by {signal.Signals(signum).name} after round {rounds_done}: checkpoint "
+                         f"{checkpoint}; run the same command with --resume latest to continue")
+
+
+def validate_checkpointing(ckpt_hp: CheckpointHparams) -> None:
+    checks = [
+        (ckpt_hp.checkpoint_every >= -1, f"--checkpoint_every must be >= -1 (got {ckpt_hp.checkpoint_every})"),
+        (ckpt_hp.keep_checkpoints >= 1, f"--keep_checkpoints must be >= 1 (got {ckpt_hp.keep_checkpoints})"),
+        (ckpt_hp.collective_timeout > 0, f"--collective_timeout must be > 0 seconds (got {ckpt_hp.collective_timeout})"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
 
 
 def validate(model_hp, data_hp, loft_hp, train_hp, det_hp) -> None:
@@ -171,18 +213,28 @@ def validate(model_hp, data_hp, loft_hp, train_hp, det_hp) -> None:
         (train_hp.weight_decay >= 0, f"--weight_decay must be >= 0 (got {train_hp.weight_decay})"),
         (all(0 < m < 1 for m in train_hp.lr_milestones), "--lr_milestones are fractions in (0, 1)"),
         (data_hp.image_size >= 0, f"--image_size must be >= 0 (got {data_hp.image_size})"),
+        (not det_hp.distance_stop or det_hp.distance_layers != "none",
+         "--distance_stop needs the filter distance: drop --distance_layers none (or --distance_stop)"),
+        (not det_hp.earlybird_stop or det_hp.earlybird,
+         "--earlybird_stop needs the Early-Bird detector: drop --earlybird false (or --earlybird_stop)"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
 
 
-def prepare_run_dir(output_dir: str, name: str, force: bool) -> tuple[str, bool]:
-    """(run directory, already finished?). A finished run is never overwritten: with ``force`` it is
-    renamed to <dir>.old-N first."""
+def prepare_run_dir(output_dir: str, name: str, force: bool, resume: str = "") -> tuple[str, bool]:
+    """(run directory, already finished?). Nothing of value is ever overwritten: a finished run, or an
+    unfinished one with checkpoints when not resuming, is refused unless ``force``, which renames it to
+    <dir>.old-N first."""
     run_dir = os.path.join(output_dir, name)
     done = os.path.exists(os.path.join(run_dir, "summary.json"))
-    if done and force:
+    checkpoints = CheckpointStore(os.path.join(run_dir, CHECKPOINT_DIR)).complete()
+    if not done and checkpoints and not resume and not force:
+        raise ConfigError(f"{run_dir} holds checkpoints of an unfinished run (up to {checkpoints[-1]}); pass "
+                          "--resume latest to continue it, or --force to start over (the old directory is kept, "
+                          "renamed)")
+    if (done or checkpoints) and force and not resume:
         n = 1
         while os.path.exists(f"{run_dir}.old-{n}"):
             n += 1
@@ -191,13 +243,26 @@ def prepare_run_dir(output_dir: str, name: str, force: bool) -> tuple[str, bool]
     if not done:
         try:
             os.makedirs(run_dir, exist_ok=True)
-            for stale in ("metrics.jsonl", "rounds.jsonl"):
-                if os.path.exists(os.path.join(run_dir, stale)):
-                    os.remove(os.path.join(run_dir, stale))  # an unfinished attempt of the same run
+            probe = os.path.join(run_dir, f".write-test-{os.getpid()}")
+            with open(probe, "w"):
+                pass
+            os.remove(probe)
         except OSError as exc:
             raise ConfigError(f"cannot write the run directory {run_dir!r} ({exc.strerror}); "
                               "pass a writable --output_dir") from None
     return run_dir, done
+
+
+def truncate_logs(run_dir: str, rounds_done: int) -> None:
+    """Keep only log lines of rounds up to ``rounds_done`` (a resumed run rewrites the rest)."""
+    for log in ("metrics.jsonl", "rounds.jsonl"):
+        path = os.path.join(run_dir, log)
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            lines = [line for line in f if line.strip() and json.loads(line)["step"] <= rounds_done]
+        with open(path, "w") as f:
+            f.writelines(lines)
 
 
 def model_hash(model: torch.nn.Module, params_only: bool = False) -> str:
@@ -278,12 +343,15 @@ def tracker_mode(out_hp: OutputHparams) -> str:
     return mode
 
 
-def start_accelerator(out_hp: OutputHparams, wandb: bool):
+def start_accelerator(out_hp: OutputHparams, wandb: bool, collective_timeout: float = 1800.0):
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
     cpu = out_hp.cpu or not torch.cuda.is_available()
+    check_mixed_precision(out_hp.mixed_precision, "cpu" if cpu else "cuda")
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout))
     accelerator = Accelerator(cpu=cpu, mixed_precision=out_hp.mixed_precision,
-                              log_with="wandb" if wandb else None)
+                              log_with="wandb" if wandb else None, kwargs_handlers=[timeout])
     expected = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != expected:
         raise ConfigError(
@@ -291,6 +359,18 @@ def start_accelerator(out_hp: OutputHparams, wandb: bool):
             "common process group; on CPU launch with `torchrun --nproc_per_node N` or "
             "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N`")
     return accelerator
+
+
+def check_mixed_precision(mixed_precision: str, device_type: str, bf16_supported: bool | None = None) -> None:
+    """Refuse bf16 on a GPU without bf16 support (pre-Ampere) instead of failing inside a kernel."""
+    if mixed_precision != "bf16" or device_type != "cuda":
+        return
+    if bf16_supported is None:
+        bf16_supported = torch.cuda.is_bf16_supported()
+    if not bf16_supported:
+        name = torch.cuda.get_device_name() if torch.cuda.is_available() else "this GPU"
+        raise ConfigError(f"--mixed_precision bf16 needs a GPU with bf16 support (compute capability >= 8.0); "
+                          f"{name} has none: use --mixed_precision no")
 
 
 def _plugins(det_hp: DetectorHparams, out_hp: OutputHparams, main: bool, print_fn, run_dir: str,
@@ -359,20 +439,23 @@ def communication_report(engine: LoFTEngine, model, rounds: int, steps: int, ele
 def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHparams,
                  train_hp: TrainHparams, det_hp: DetectorHparams, out_hp: OutputHparams,
                  print_fn=print, accelerator=None, rewind_round: int = 0,
-                 ds_hp: DeepSpeedHparams | None = None) -> dict:
+                 ds_hp: DeepSpeedHparams | None = None, ckpt_hp: CheckpointHparams | None = None) -> dict:
     """LoFT (or dense) pretraining with plugins; returns summary.json's content plus ``run_dir``.
 
     Saves ``init.safetensors`` (the initial weights), ``model.safetensors`` (the assembled model at the
     end) and, with ``rewind_round`` > 0, ``round_<k>.safetensors`` (the assembled model after round k).
     """
     validate(model_hp, data_hp, loft_hp, train_hp, det_hp)
+    ckpt_hp = ckpt_hp or CheckpointHparams()
+    validate_checkpointing(ckpt_hp)
     if loft_hp.method == "earlybird":  # dense pretraining that the Early-Bird detector ends
         det_hp = dataclasses.replace(det_hp, earlybird=True, earlybird_stop=True)
     wandb_mode = tracker_mode(out_hp)
     dense = loft_hp.method in ("dense", "earlybird")
     workers = 1 if dense else loft_hp.workers
     optimizer_state = "carry" if dense else loft_hp.optimizer_state
-    accelerator = accelerator or start_accelerator(out_hp, wandb=wandb_mode != "disabled")
+    accelerator = accelerator or start_accelerator(out_hp, wandb=wandb_mode != "disabled",
+                                                   collective_timeout=ckpt_hp.collective_timeout)
     world, main = accelerator.num_processes, accelerator.is_main_process
     try:
         replicas = check_world(world, workers) if world > 1 else 1
@@ -381,13 +464,13 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
     say = print_fn if main else (lambda *a, **k: None)
     ds_cfg = None
     if ds_hp is not None and ds_hp.deepspeed:
+        try:  # the config is checked first, so its mistakes are reported even in a single process
+            ds_cfg = ds.load_ds_config(ds_hp.deepspeed_config, data_hp.batch_size, replicas if world > 1 else None)
+        except DeepSpeedConfigError as exc:
+            raise ConfigError(str(exc)) from None
         if world == 1:
             raise ConfigError("--deepspeed needs one process per worker: launch with "
                               f"`deepspeed --num_gpus {workers} recipes/loft_timm.py --deepspeed ...`")
-        try:
-            ds_cfg = ds.load_ds_config(ds_hp.deepspeed_config, data_hp.batch_size, replicas)
-        except DeepSpeedConfigError as exc:
-            raise ConfigError(str(exc)) from None
         if optimizer_state == "carry" and ds_cfg.get("zero_optimization", {}).get("stage", 0) > 0:
             raise ConfigError("--optimizer_state carry needs zero_optimization.stage 0 under DeepSpeed (ZeRO "
                               "keeps optimizer state in flat partitions); use reset or a stage-0 config")
@@ -408,8 +491,24 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
         run_id = hashlib.sha256(f"{run_id}-replicas{replicas}".encode()).hexdigest()[:12]
     name = f"{model_hp.model}-{run_id}"
     run_dir = os.path.join(out_hp.output_dir, name)
+    config = {type(h).__name__: h.to_dict() for h in hashed}
+    identity = {"run": name, "model": model_hp.model, "dataset": data_hp.dataset, "method": loft_hp.method,
+                "workers": workers, "replicas": replicas, "world": world, "preset": model_hp.preset,
+                "sync": loft_hp.sync, "optimizer_state": optimizer_state, "deepspeed": ds_cfg is not None,
+                "hparams": json.loads(json.dumps(config, default=list))}
+    resume_from, start_round = None, 0
+    if not os.path.exists(os.path.join(run_dir, "summary.json")):
+        try:  # checked before the run directory is touched
+            resume_from = checkpointing.find_checkpoint(ckpt_hp.resume, run_dir)
+            if resume_from is not None:
+                checkpointing.check_identity(resume_from, identity)
+                start_round = checkpointing.load_model(resume_from, model)
+        except CheckpointError as exc:
+            raise ConfigError(str(exc)) from None
     if main:
-        prepare_run_dir(out_hp.output_dir, name, out_hp.force)
+        prepare_run_dir(out_hp.output_dir, name, out_hp.force, ckpt_hp.resume)
+        if not os.path.exists(os.path.join(run_dir, "summary.json")):
+            truncate_logs(run_dir, start_round)  # a fresh start drops an earlier attempt's lines
     grid = build_grid(workers) if world > 1 else None
     if grid is not None:
         dist.barrier()  # the main process has prepared (or moved) the run directory
@@ -419,7 +518,7 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
         say(f"pretraining {run_dir} already finished (test acc {100 * summary['test_acc']:.2f}%); "
             "pass --force to train it again")
         return {**summary, "run_dir": run_dir, "skipped": True}
-    if main:
+    if main and resume_from is None:
         save_weights(model, os.path.join(run_dir, "init.safetensors"))
 
     t_start = time.time()
@@ -434,7 +533,7 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
                                weight_decay=train_hp.weight_decay)
 
     engine = LoFTEngine(model, plan, make_optimizer, train_hp.seed, optimizer_state,
-                        grid=grid, strategy=loft_hp.sync)
+                        grid=grid, strategy=loft_hp.sync, start_round=start_round)
     for w in engine.workers:
         w.autocast = accelerator.autocast
         if ds_cfg is not None:
@@ -458,7 +557,10 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
         f"{len(plan.split)} split groups ({model_hp.preset}); per-worker parameter fraction {fractions}; "
         f"S={workers} L={loft_hp.local_steps} rounds={rounds} ({rounds_per_epoch}/epoch); {where}; "
         f"run dir {run_dir}", flush=True)
-    config = {type(h).__name__: h.to_dict() for h in hashed}
+    if resume_from is not None:
+        say(f"resuming from {resume_from} (after round {start_round} of {rounds})", flush=True)
+    elif ckpt_hp.resume:
+        say(f"--resume {ckpt_hp.resume}: no complete checkpoint in {run_dir}, starting from round 0", flush=True)
     if main:
         with open(os.path.join(run_dir, "hparams.json"), "w") as f:
             json.dump(config, f, indent=1, default=list)
@@ -469,16 +571,48 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
         start_tracker(accelerator, out_hp, wandb_mode, config, f"{model_hp.model}-{data.name}", "pretrain",
                       name, run_dir)
     logger = RunLogger(run_dir if main else None, accelerator, wandb=wandb)
-    plugins = _plugins(det_hp, out_hp, main, print_fn, run_dir, grid.rank if grid else 0)
+    rank = grid.rank if grid else 0
+    plugins = _plugins(det_hp, out_hp, main, print_fn, run_dir, rank)
     if rewind_round > 0:
         plugins.append(SaveWeights(rewind_round, os.path.join(run_dir, f"round_{rewind_round}.safetensors"), main))
+    preemption = Preemption(say)
+    every = rounds_per_epoch if ckpt_hp.checkpoint_every == 0 else max(ckpt_hp.checkpoint_every, 0)
+    generators = {"recalibration": recal_loader.generator}
+    checkpointer = Checkpointer(CheckpointStore(os.path.join(run_dir, CHECKPOINT_DIR), ckpt_hp.keep_checkpoints),
+                                every, identity, streams, generators, rank, main, say)
+    plugins += [NonFiniteGuard(), preemption, checkpointer]  # the checkpointer last: it saves the others' state
 
     loop = LoFTLoop(engine, [streams.get(s) for s in range(workers)], test_loader, rounds, loft_hp.local_steps,
                     lambda r: lr_at(r, rounds, train_hp.lr, train_hp.lr_schedule,
                                     train_hp.lr_milestones, train_hp.lr_gamma),
                     plugins=plugins, rounds_per_epoch=rounds_per_epoch, recalibrate=recal_loader,
                     recalibrate_batches=train_hp.bn_recalibration_batches, logger=logger)
-    metrics = loop.fit()
+    if resume_from is not None:
+        try:
+            checkpointing.restore(resume_from, loop, streams, generators, rank)
+        except CheckpointError as exc:
+            raise ConfigError(str(exc)) from None
+    try:
+        metrics = loop.fit()
+    except TrainingFailure as exc:
+        logger.close()
+        raise TrainingFailure(f"{exc}. Last good checkpoint: {checkpointer.store.latest() or 'none'}") from None
+    except RuntimeError as exc:  # a collective failed: a peer died, hung past the timeout, or lost its link
+        if grid is None:
+            raise
+        logger.close()
+        latest = checkpointer.store.latest()
+        raise TrainingFailure(
+            f"rank {rank}: a collective failed in round {loop.state.round_index + 1} "
+            f"({str(exc).strip().splitlines()[0][:200]}); another rank probably died or hung longer than "
+            f"--collective_timeout {ckpt_hp.collective_timeout:g}s. Last complete checkpoint: {latest or 'none'}; "
+            "rerun the same command with --resume latest") from exc
+    if loop.preempted:
+        logger.close()
+        engine.release()
+        if grid is not None:
+            dist.barrier()
+        raise Preempted(preemption.received or signal.SIGTERM, loop.state.round_index, checkpointer.last)
     final = engine.assembled()  # the analytic count below reads the full tensors' sizes
     if grid is not None:
         report = communication_report(engine, model, loop.state.round_index,

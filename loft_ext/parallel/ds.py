@@ -75,8 +75,9 @@ class LoftMPU:
         return None
 
 
-def load_ds_config(path: str, micro_batch: int, replicas: int) -> dict:
-    """Read and check a ds_config for LoFT; every refusal names the key and the fix."""
+def load_ds_config(path: str, micro_batch: int, replicas: int | None) -> dict:
+    """Read and check a ds_config for LoFT; every refusal names the key and the fix. With ``replicas``
+    None (the world is not known yet) train_batch_size must be a multiple of micro batch x accumulation."""
     if not path:
         raise DeepSpeedConfigError("--deepspeed needs --deepspeed_config PATH (see ds_configs/)")
     if not os.path.isfile(path):
@@ -93,8 +94,12 @@ def load_ds_config(path: str, micro_batch: int, replicas: int) -> dict:
                                    "optimizer step, set it to 1 (and raise the micro batch instead)")
     if "train_batch_size" not in cfg or cfg["train_batch_size"] == "auto":
         raise DeepSpeedConfigError(f"{path}: train_batch_size must be explicit (micro batch x accumulation x D "
-                                   f"= {micro} x {accum} x {replicas} = {micro * accum * replicas} here)")
-    if cfg["train_batch_size"] != micro * accum * replicas:
+                                   f"= {micro} x {accum} x {replicas or 'D'})")
+    if replicas is None and (not isinstance(cfg["train_batch_size"], int) or cfg["train_batch_size"] % (micro * accum)):
+        raise DeepSpeedConfigError(
+            f"{path}: train_batch_size={cfg['train_batch_size']} is not train_micro_batch_size_per_gpu x "
+            f"gradient_accumulation_steps x D = {micro} x {accum} x D for any number of replicas D")
+    if replicas is not None and cfg["train_batch_size"] != micro * accum * replicas:
         raise DeepSpeedConfigError(
             f"{path}: train_batch_size={cfg['train_batch_size']} does not match train_micro_batch_size_per_gpu "
             f"x gradient_accumulation_steps x D = {micro} x {accum} x {replicas} = {micro * accum * replicas}")

@@ -1,0 +1,218 @@
+"""LoFT checkpoints at round boundaries, and resuming from them bit for bit (docs/reliability.md).
+
+A checkpoint (``<run_dir>/checkpoints/round_<k>/``, written through :class:`CheckpointStore`, so
+atomically and with a checksummed manifest) holds:
+
+- ``model.safetensors``: the assembled model after round k (every rank's part, gathered first under
+  ``alltoall``), written by rank 0;
+- ``rank<r>.safetensors``: rank r's tensors: optimizer state the engine keeps across rounds
+  (``--optimizer_state carry``; under ``alltoall`` the slabs of it this rank owns) and its RNG states
+  (torch CPU/CUDA and the run's own generators);
+- ``rank<r>.json``: rank r's loop state (round, epoch, history, tickets, losses since the last epoch end,
+  every plugin's state), data-stream positions, Python/NumPy RNG states and communication counters;
+- ``state.json``: what the checkpoint belongs to (model, S, D, method, hparams), checked on resume;
+- ``deepspeed/``: under ``--deepspeed``, each worker engine's ``save_checkpoint`` (loaded only after its
+  checksums match the manifest, since DeepSpeed's files are pickles).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from ..checkpoint import CheckpointError, CheckpointStore, read_manifest, verify
+from ..parallel.comm import Counter
+from ..parallel.sync import AllToAllSync
+from ..plugins.base import Plugin
+
+CHECKPOINT_DIR = "checkpoints"
+# what must match for a checkpoint to continue this run (the rest of the hparams are compared too)
+IDENTITY = ("model", "dataset", "method", "workers", "replicas", "world", "preset", "sync", "optimizer_state",
+            "deepspeed")
+
+
+def checkpoint_name(rounds_done: int) -> str:
+    return f"round_{rounds_done:06d}"
+
+
+def _barrier(engine) -> None:
+    if engine.grid is not None:
+        dist.barrier()
+
+
+# ------------------------------------------------------------------------------------------ tensors
+def engine_tensors(engine) -> dict[str, torch.Tensor]:
+    """Optimizer state the engine carries across rounds (empty under ``reset``)."""
+    out = {f"opt|{name}|{key}": v for name, state in engine.full_opt_state.items()
+           for key, v in state.items() if torch.is_tensor(v)}
+    if isinstance(engine.strategy, AllToAllSync):
+        out.update({f"slab|{name}|{key}": v for (name, key), v in engine.strategy.slabs.items() if key})
+    return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+
+def load_engine_tensors(engine, tensors: dict[str, torch.Tensor]) -> None:
+    device = next(engine.workers[0].model.parameters()).device
+    for key, value in tensors.items():
+        kind, name, state_key = key.split("|")
+        if kind == "opt":
+            engine.full_opt_state.setdefault(name, {})[state_key] = value.to(device)
+        elif kind == "slab":
+            engine.strategy.slabs[(name, state_key)] = value.to(device)
+
+
+def rng_tensors(generators: dict[str, torch.Generator]) -> dict[str, torch.Tensor]:
+    out = {"rng|torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out.update({f"rng|cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    out.update({f"gen|{name}": g.get_state() for name, g in generators.items()})
+    return out
+
+
+def set_rng(tensors: dict[str, torch.Tensor], host: dict, generators: dict[str, torch.Generator]) -> None:
+    torch.set_rng_state(tensors["rng|torch"])
+    if torch.cuda.is_available():
+        cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng|cuda"))]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+    for name, g in generators.items():
+        g.set_state(tensors[f"gen|{name}"])
+    version, state, gauss = host["python"]
+    random.setstate((version, tuple(state), gauss))
+    kind, keys, pos, has_gauss, cached = host["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def host_rng() -> dict:
+    version, state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(state), gauss], "numpy": [kind, keys.tolist(), int(pos), int(has_gauss),
+                                                               float(cached)]}
+
+
+# ------------------------------------------------------------------------------------------ saving
+class Checkpointer(Plugin):
+    """Saves a checkpoint every ``every`` rounds (0: never on a schedule) and when the run is preempted.
+
+    Every rank writes its own files into the staging directory; rank 0 commits (checksums, manifest,
+    rename) once all are written. Needs the run directory on a filesystem every rank sees.
+    """
+
+    name = "checkpointer"
+
+    def __init__(self, store: CheckpointStore, every: int, identity: dict, streams: dict,
+                 generators: dict[str, torch.Generator], rank: int, main: bool, print_fn=print):
+        self.store, self.every, self.identity = store, every, identity
+        self.streams, self.generators = streams, generators
+        self.rank, self.main, self.print = rank, main, print_fn
+        self.last: str | None = None
+
+    def on_round_end(self, loop, round_index: int) -> None:
+        done = round_index + 1
+        scheduled = self.every > 0 and done % self.every == 0 and done < loop.rounds and not loop.stop
+        if scheduled or loop.preempted:
+            self.save(loop)
+
+    def save(self, loop) -> str:
+        engine = loop.engine
+        name = checkpoint_name(loop.state.round_index)
+        if self.main:
+            self.store.begin(name)
+        _barrier(engine)
+        staging = self.store.staging(name)
+        model = engine.assembled()
+        try:
+            if self.main:
+                save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+                          os.path.join(staging, "model.safetensors"))
+        finally:
+            engine.release()
+        save_file({**engine_tensors(engine), **rng_tensors(self.generators)},
+                  os.path.join(staging, f"rank{self.rank}.safetensors"))
+        rank_state = {"rank": self.rank, "loop": loop.state_dict(), "host_rng": host_rng(),
+                      "streams": {str(k): s.state_dict() for k, s in self.streams.items()},
+                      "comm": engine.comm.totals()}
+        with open(os.path.join(staging, f"rank{self.rank}.json"), "w") as f:
+            json.dump(rank_state, f)
+        for w in engine.workers:
+            if w.ds_engine is not None:  # collective over all ranks; files per worker and replica
+                w.ds_engine.save_checkpoint(os.path.join(staging, "deepspeed"), tag=name, save_latest=False)
+        _barrier(engine)
+        path = os.path.join(self.store.root, name)
+        if self.main:
+            with open(os.path.join(staging, "state.json"), "w") as f:
+                json.dump({**self.identity, "round": loop.state.round_index}, f, indent=1, default=list)
+            path = self.store.commit(name, {"round": loop.state.round_index, "run": self.identity["run"]})
+            self.print(f"checkpoint after round {loop.state.round_index}: {path}", flush=True)
+        _barrier(engine)  # nobody reports the checkpoint (or exits on preemption) before it is committed
+        self.last = path
+        return path
+
+
+# ------------------------------------------------------------------------------------------ resuming
+def find_checkpoint(resume: str, run_dir: str) -> str | None:
+    """The checkpoint ``--resume`` names: ``latest`` (the run directory's newest complete one, or None
+    when there is none) or a checkpoint directory."""
+    if not resume:
+        return None
+    if resume == "latest":
+        return CheckpointStore(os.path.join(run_dir, CHECKPOINT_DIR)).latest()
+    read_manifest(resume)
+    return resume
+
+
+def check_identity(path: str, identity: dict) -> dict:
+    """The checkpoint's ``state.json``, refused with the mismatch named when it belongs to another run."""
+    verify(path, only=["state.json"])
+    with open(os.path.join(path, "state.json")) as f:
+        saved = json.load(f)
+    for key in IDENTITY:
+        if saved.get(key) != identity.get(key):
+            raise CheckpointError(f"checkpoint {path!r} was written with {key}={saved.get(key)!r}, this run has "
+                                  f"{key}={identity.get(key)!r}; resume with the flags of that run, or start a new "
+                                  "run without --resume")
+    for group, values in identity["hparams"].items():
+        for key, value in values.items():
+            old = saved["hparams"].get(group, {}).get(key)
+            if json.loads(json.dumps(old)) != json.loads(json.dumps(value, default=list)):
+                raise CheckpointError(f"checkpoint {path!r} was written with --{key} {old!r}, this run has "
+                                      f"--{key} {value!r}; resume with the flags of that run, or start a new run "
+                                      "without --resume")
+    return saved
+
+
+def load_model(path: str, model: torch.nn.Module) -> int:
+    """Load the checkpoint's assembled model (before the engine is built from it); returns its round."""
+    verify(path, only=["model.safetensors"])
+    model.load_state_dict(load_file(os.path.join(path, "model.safetensors")), strict=True)
+    with open(os.path.join(path, "state.json")) as f:
+        return json.load(f)["round"]
+
+
+def restore(path: str, loop, streams: dict, generators: dict[str, torch.Generator], rank: int) -> None:
+    """Everything but the model: engine tensors, loop and plugin state, streams, counters, RNG."""
+    engine = loop.engine
+    files = [f"rank{rank}.safetensors", f"rank{rank}.json"]
+    manifest = verify(path, only=files)
+    tensors = load_file(os.path.join(path, files[0]))
+    with open(os.path.join(path, files[1])) as f:
+        state = json.load(f)
+    load_engine_tensors(engine, {k: v for k, v in tensors.items() if k.startswith(("opt|", "slab|"))})
+    loop.load_state_dict(state["loop"])
+    for key, stream_state in state["streams"].items():
+        streams[int(key)].load_state_dict(stream_state)
+    for phase, c in state["comm"].items():
+        engine.comm.counters[phase] = Counter(c["bytes_sent"], c["bytes_received"], c["calls"])
+    for w in engine.workers:
+        if w.ds_engine is not None:
+            verify(path, only=[f for f in manifest["files"] if f.startswith("deepspeed/")])
+            tag = os.path.basename(os.path.normpath(path))
+            loaded, _ = w.ds_engine.load_checkpoint(os.path.join(path, "deepspeed"), tag=tag,
+                                                    load_lr_scheduler_states=False)
+            if loaded is None:
+                raise CheckpointError(f"DeepSpeed found no checkpoint {tag!r} under {path}/deepspeed")
+    set_rng(tensors, state["host_rng"], generators)
