@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import CheckpointError, CheckpointStore, read_manifest, verify
+from ..checkpoint import CheckpointError, CheckpointStore, verify
 from ..parallel.comm import Counter
 from ..parallel.sync import AllToAllSync
 from ..plugins.base import Plugin
@@ -159,10 +159,10 @@ def find_checkpoint(resume: str, run_dir: str) -> str | None:
     when there is none) or a checkpoint directory."""
     if not resume:
         return None
-    if resume == "latest":
-        return CheckpointStore(os.path.join(run_dir, CHECKPOINT_DIR)).latest()
-    read_manifest(resume)
-    return resume
+    path = CheckpointStore(os.path.join(run_dir, CHECKPOINT_DIR)).latest() if resume == "latest" else resume
+    if path is not None:
+        verify(path)  # every file against its checksum, before anything is read
+    return path
 
 
 def check_identity(path: str, identity: dict) -> dict:

@@ -481,6 +481,12 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
     model = create_model(model_hp.model, data.num_classes, data.in_chans)
     input_shape = (1, data.in_chans, data.image_size, data.image_size)
     plan = make_plan(model, workers, model_hp.preset, input_shape, model_hp.model)
+    if det_hp.earlybird and not any(isinstance(m, torch.nn.BatchNorm2d) and m.affine for m in model.modules()):
+        if det_hp.earlybird_stop:  # --method earlybird or --earlybird_stop: the detector is the point
+            raise ConfigError(f"Early-Bird ranks BatchNorm2d scales and {model_hp.model} has none; choose a model "
+                              "with BatchNorm (e.g. resnet18) or another --method / drop --earlybird_stop")
+        say(f"note: {model_hp.model} has no BatchNorm2d, so the Early-Bird detector is off for this run")
+        det_hp = dataclasses.replace(det_hp, earlybird=False)
     hashed = (model_hp, data_hp, loft_hp, train_hp, det_hp)
     # S simulated workers and S processes give the same run; D replicas change the batch, so D is named
     run_id = hparams_hash(*hashed)

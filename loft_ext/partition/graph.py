@@ -134,6 +134,13 @@ def trace(model: nn.Module, input_shape: tuple[int, ...]) -> fx.GraphModule:
     model.eval()
     try:
         with torch.no_grad():
+            try:  # eagerly first: ShapeProp prints a traceback of its own before raising
+                model(torch.zeros(input_shape))
+            except Exception as exc:  # e.g. a ViT whose patch embedding asserts a fixed input size
+                first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+                raise PartitionError(f"{type(model).__name__} does not run on an input of shape "
+                                     f"{tuple(input_shape)} ({first.strip()[:300]}); pass an --image_size the "
+                                     "model accepts") from None
             ShapeProp(gm).propagate(torch.zeros(input_shape))
     finally:
         model.train(was_training)

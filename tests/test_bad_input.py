@@ -1,0 +1,179 @@
+"""Bad input: one clear ``error:`` line naming the problem and a fix, exit status 2, before any
+training, and the results already in the output directory untouched (docs/reliability.md)."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from loft_ext.engine.runner import ConfigError, check_mixed_precision
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPE = os.path.join(ROOT, "recipes", "loft_timm.py")
+sys.path.insert(0, os.path.join(ROOT, "recipes"))
+
+from loft_timm import main  # noqa: E402
+
+TINY = ["--rounds", "2", "--local_steps", "1", "--batch_size", "32", "--ratios", "", "--image_size", "16",
+        "--bn_recalibration_batches", "1"]
+
+
+def _snapshot(folder):
+    """{relative path: sha256} of every file under ``folder``."""
+    out = {}
+    for base, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(base, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """An output directory holding one finished run whose checkpoints exist (the results to protect)."""
+    out = tmp_path_factory.mktemp("finished")
+    assert main([*TINY, "--checkpoint_every", "1", "--keep_checkpoints", "1", "--output_dir", str(out)]) == 0
+    return out
+
+
+@pytest.fixture
+def previous(tmp_path, finished):
+    out = tmp_path / "runs"
+    shutil.copytree(finished, out)
+    return out
+
+
+def _checkpoint(out):
+    (run,) = [p for p in out.iterdir() if p.is_dir()]
+    return run / "checkpoints" / "round_000001"
+
+
+def _config(tmp_path, **changes):
+    cfg = json.load(open(os.path.join(ROOT, "ds_configs", "zero0_fp32_cpu.json")))
+    cfg.update(changes)
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+def _corrupt(out):
+    ckpt = _checkpoint(out)
+    data = bytearray((ckpt / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (ckpt / "model.safetensors").write_bytes(bytes(data))
+    return [str(ckpt)]
+
+
+def _truncate(out):
+    ckpt = _checkpoint(out)
+    data = (ckpt / "model.safetensors").read_bytes()
+    (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
+    return [str(ckpt)]
+
+
+# (flags, the message, optional setup(out, tmp_path) -> extra flags)
+CASES = {
+    "unknown_model": (["--model", "resnet18x"], "unknown timm model 'resnet18x'; did you mean", None),
+    "nothing_to_split": (["--model", "vit_tiny_patch16_224", "--image_size", "224", "--rounds", "1"],
+                         "nothing in vit_tiny_patch16_224 can be split", None),
+    "input_size_the_model_refuses": (["--model", "vit_tiny_patch16_224"],
+                                     "does not run on an input of shape (1, 1, 16, 16)", None),
+    "earlybird_without_batchnorm": (["--model", "resnetv2_50x1_bit", "--method", "earlybird"],
+                                    "Early-Bird ranks BatchNorm2d scales and resnetv2_50x1_bit has none", None),
+    "workers_below_one": (["--workers", "0"], "--workers must be >= 1", None),
+    "workers_wider_than_every_group": (["--workers", "100000", "--preset", "all"], "fewer than S=100000", None),
+    "local_steps_below_one": (["--local_steps", "0"], "--local_steps must be >= 1", None),
+    "ratio_of_one": (["--ratios", "0.5,1.0"], "--ratios must lie in [0, 1)", None),
+    "negative_ratio": (["--ratios", "-0.1"], "--ratios must lie in [0, 1)", None),
+    "data_dir_missing": (["--dataset", "cifar10"], "needs --data_dir", None),
+    "data_dir_does_not_exist": (["--dataset", "cifar10", "--data_dir", "/nonexistent"], "does not exist", None),
+    "data_dir_malformed": (["--dataset", "fashion_mnist"], "does not hold FashionMNIST/raw/",
+                           lambda out, tmp: ["--data_dir", str(tmp)]),
+    "ds_config_missing": (["--deepspeed", "--deepspeed_config", "/nonexistent.json"], "does not exist", None),
+    "ds_config_not_json": (["--deepspeed"], "is not valid JSON",
+                           lambda out, tmp: (tmp / "bad.json").write_text("{oops") and
+                           ["--deepspeed_config", str(tmp / "bad.json")]),
+    "ds_config_batch_mismatch": (["--deepspeed"], "train_batch_size=33 is not train_micro_batch_size_per_gpu",
+                                 lambda out, tmp: ["--deepspeed_config", _config(tmp, train_batch_size=33)]),
+    "ds_config_fp16_at_zero0": (["--deepspeed"], "fp16.enabled with zero_optimization.stage 0",
+                                lambda out, tmp: ["--deepspeed_config", _config(tmp, fp16={"enabled": True})]),
+    "resume_from_another_configuration": (["--workers", "4", "--preset", "all"],
+                                          "was written with workers=2, this run has workers=4",
+                                          lambda out, tmp: ["--resume", str(_checkpoint(out))]),
+    "resume_from_corrupt_checkpoint": (["--seed", "1"], "is corrupt (sha256 differs from the manifest)",
+                                       lambda out, tmp: ["--resume", *_corrupt(out)]),
+    "resume_from_truncated_checkpoint": (["--seed", "1"], "is truncated or changed",
+                                         lambda out, tmp: ["--resume", *_truncate(out)]),
+    "resume_from_a_directory_that_is_no_checkpoint": (["--seed", "1", "--resume"], "has no manifest.json",
+                                                      lambda out, tmp: [str(tmp)]),
+    "wandb_online_without_credentials": (["--tracker", "wandb", "--wandb_mode", "online"],
+                                         "W&B online mode needs credentials", None),
+    "distance_stop_without_distance": (["--distance_stop", "--distance_layers", "none"],
+                                       "--distance_stop needs the filter distance", None),
+    "earlybird_stop_without_earlybird": (["--earlybird_stop", "--earlybird", "false"],
+                                         "--earlybird_stop needs the Early-Bird detector", None),
+    "prune_levels_for_structured_tickets": (["--prune_levels", "2", "--ratios", "0.5"],
+                                            "--prune_levels > 1 is for --ticket unstructured", None),
+    "rewind_round_without_its_round": (["--rewind", "round", "--ratios", "0.5"],
+                                       "--rewind round needs --rewind_round >= 1", None),
+    "negative_lr": (["--lr", "-1"], "--lr must be > 0", None),
+    "lr_milestones_outside_the_run": (["--lr_milestones", "0.5,2"], "--lr_milestones are fractions", None),
+    "keep_no_checkpoints": (["--keep_checkpoints", "0"], "--keep_checkpoints must be >= 1", None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_clear_error_and_prior_results_survive(case, previous, tmp_path, capsys, monkeypatch):
+    flags, message, setup = CASES[case]
+    if case == "wandb_online_without_credentials":
+        monkeypatch.delenv("WANDB_API_KEY", raising=False)
+        monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+        monkeypatch.setenv("HOME", str(tmp_path))
+    extra = setup(previous, tmp_path) if setup else []
+    before = _snapshot(previous)
+    assert main([*TINY, *flags, *extra, "--output_dir", str(previous)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err, err
+    assert err.count("\n") == 1  # one line
+    assert _snapshot(previous) == before  # nothing written, nothing overwritten
+
+
+def test_unfinished_run_with_checkpoints_is_not_restarted_over(previous, capsys):
+    (run,) = [p for p in previous.iterdir() if p.is_dir()]
+    (run / "summary.json").unlink()  # the run died after its checkpoint of round 1
+    before = _snapshot(previous)
+    assert main([*TINY, "--output_dir", str(previous)]) == 2
+    err = capsys.readouterr().err
+    assert "holds checkpoints of an unfinished run (up to round_000001); pass --resume latest" in err
+    assert _snapshot(previous) == before
+
+
+def test_unwritable_output_dir(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main([*TINY, "--output_dir", str(blocker / "runs")]) == 2
+    assert "pass a writable --output_dir" in capsys.readouterr().err
+    assert blocker.read_text() == "x"
+
+
+def test_bf16_on_a_gpu_without_bf16_is_refused():
+    with pytest.raises(ConfigError, match="--mixed_precision bf16 needs a GPU with bf16 support"):
+        check_mixed_precision("bf16", "cuda", bf16_supported=False)
+    check_mixed_precision("bf16", "cpu")  # torch's CPU autocast has bf16
+    check_mixed_precision("no", "cuda", bf16_supported=False)
+
+
+@pytest.mark.slow
+def test_world_size_not_a_multiple_of_workers(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone",
+                           "--nproc_per_node", "2", RECIPE, *TINY, "--workers", "3", "--output_dir", str(tmp_path)],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode != 0
+    assert "error: world size 2 is not a multiple of S=3 filter workers: launch 3, 6, 9, 12, ... processes" \
+        in proc.stderr
+    assert not any(tmp_path.iterdir())

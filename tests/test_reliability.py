@@ -1,0 +1,252 @@
+"""Checkpoints, resume, preemption, lost ranks and non-finite values (docs/reliability.md).
+
+Resumed runs are compared with uninterrupted ones byte for byte: the final model file, every line of
+metrics.jsonl and rounds.jsonl, and summary.json except its wall time.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from loft_ext.checkpoint import CheckpointError, CheckpointStore, verify
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPE = os.path.join(ROOT, "recipes", "loft_timm.py")
+BIN = os.path.dirname(sys.executable)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
+       "PYTHONUNBUFFERED": "1"}
+sys.path.insert(0, os.path.join(ROOT, "recipes"))
+
+from loft_timm import main  # noqa: E402
+
+# 44 steps per epoch at batch 32 and L=3: 15 rounds per epoch, so 18 rounds cross an epoch end
+RUN = ["--rounds", "18", "--local_steps", "3", "--batch_size", "32", "--bn_recalibration_batches", "2",
+       "--ratios", "", "--distance_every", "2", "--earlybird_every", "2", "--image_size", "16"]
+
+
+def _run_dir(out):
+    (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
+    return run_dir
+
+
+def _same_run(a, b, same_world=True):
+    """Two finished run directories hold the same model, logs and summary (wall time aside; bytes sent
+    too when one of them simulated the workers in one process, which sends nothing)."""
+    a, b = _run_dir(a), _run_dir(b)
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    skip = {"wall_s"} if same_world else {"wall_s", "bytes_sent", "sync_bytes_sent"}
+
+    def lines(path):
+        return [{k: v for k, v in json.loads(x).items() if k not in skip} for x in path.read_text().splitlines()]
+
+    for log in ("metrics.jsonl", "rounds.jsonl"):
+        assert lines(a / log) == lines(b / log), log
+    sa, sb = ({k: v for k, v in json.loads((d / "summary.json").read_text()).items() if k not in skip}
+              for d in (a, b))
+    assert sa == sb
+
+
+def _wait_for_rounds(run_root, n, proc, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        logs = list(run_root.glob("*/rounds.jsonl"))
+        if logs and len(logs[0].read_text().splitlines()) >= n:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    raise AssertionError(f"no {n} rounds within {timeout}s")
+
+
+# ------------------------------------------------------------------------------ the store itself
+def _write(folder, name, text):
+    with open(os.path.join(folder, name), "w") as f:
+        f.write(text)
+
+
+def test_interrupted_write_leaves_previous_checkpoint_loadable(tmp_path):
+    store = CheckpointStore(str(tmp_path), keep=2)
+    _write(store.begin("round_000002"), "model.bin", "good")
+    good = store.commit("round_000002", {"round": 2})
+    staging = store.begin("round_000004")
+    _write(staging, "model.bin", "half-writ")  # ... and the process dies before commit
+    assert store.complete() == ["round_000002"] and store.latest() == good
+    assert verify(good)["meta"] == {"round": 2}
+    with pytest.raises(CheckpointError, match="no manifest.json: it is not a complete checkpoint"):
+        verify(staging)
+    # the next attempt discards the leftover; keep=2 drops the oldest after each commit
+    for r in (4, 6):
+        _write(store.begin(f"round_{r:06d}"), "model.bin", f"r{r}")
+        store.commit(f"round_{r:06d}", {"round": r})
+    assert store.complete() == ["round_000004", "round_000006"]
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".staging")]
+
+
+def test_truncated_or_corrupt_files_are_named(tmp_path):
+    store = CheckpointStore(str(tmp_path))
+    _write(store.begin("round_000001"), "a.bin", "0123456789")
+    path = store.commit("round_000001", {})
+    _write(path, "a.bin", "01234")
+    with pytest.raises(CheckpointError, match=r"a.bin' is truncated or changed \(5 bytes, manifest says 10\)"):
+        verify(path)
+    _write(path, "a.bin", "0123456780")
+    with pytest.raises(CheckpointError, match="a.bin' is corrupt"):
+        verify(path)
+
+
+# ------------------------------------------------------------------------------ runs
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    assert main([*RUN, "--optimizer_state", "carry", "--output_dir", str(out)]) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_at_round_boundary_and_resume_is_bit_identical(tmp_path, uninterrupted):
+    args = [*RUN, "--optimizer_state", "carry", "--checkpoint_every", "-1", "--output_dir", str(tmp_path)]
+    proc = subprocess.Popen([sys.executable, RECIPE, *args], env=ENV, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for_rounds(tmp_path, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "received SIGTERM: stopping at the end of this round" in out
+    assert "preempted by SIGTERM after round" in err and "--resume latest" in err
+    run_dir = _run_dir(tmp_path)
+    assert not (run_dir / "summary.json").exists()
+    (ckpt,) = CheckpointStore(str(run_dir / "checkpoints")).complete()
+    assert 3 <= int(ckpt.split("_")[1]) < 18
+    # the same command without --resume refuses to start over the checkpoints
+    assert main(args) == 2
+    assert main([*args, "--resume", "latest"]) == 0
+    _same_run(tmp_path, uninterrupted)
+
+
+def test_resume_from_the_epoch_end_checkpoint_is_bit_identical(tmp_path, uninterrupted):
+    """The uninterrupted run checkpointed at its epoch end (round 15, the default schedule); cut back to
+    that checkpoint (as if it died in round 16), it resumes to the same model, logs and summary."""
+    shutil.copytree(uninterrupted, tmp_path, dirs_exist_ok=True)
+    run_dir = _run_dir(tmp_path)
+    assert CheckpointStore(str(run_dir / "checkpoints")).complete() == ["round_000015"]
+    for name in ("summary.json", "model.safetensors"):
+        (run_dir / name).unlink()
+    assert main([*RUN, "--optimizer_state", "carry", "--output_dir", str(tmp_path), "--resume", "latest"]) == 0
+    _same_run(tmp_path, uninterrupted)
+
+
+def test_non_finite_values_stop_the_run_naming_worker_round_and_layer(tmp_path, capsys):
+    # lr x 1e10 after half of the 8 rounds: rounds 1-4 train, round 5 diverges
+    args = ["--rounds", "8", "--local_steps", "3", "--batch_size", "32", "--ratios", "", "--checkpoint_every", "2",
+            "--lr_milestones", "0.5", "--lr_gamma", "1e10", "--output_dir", str(tmp_path)]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: non-finite values in round 5, worker 0: loss nan at local step")
+    assert "first non-finite tensor: conv1.weight" in err
+    run_dir = _run_dir(tmp_path)
+    assert f"Last good checkpoint: {run_dir}/checkpoints/round_000004" in err
+    assert CheckpointStore(str(run_dir / "checkpoints")).complete() == ["round_000002", "round_000004"]
+    verify(str(run_dir / "checkpoints" / "round_000004"))
+    assert not (run_dir / "summary.json").exists()
+
+
+# ------------------------------------------------------------------------------ lost ranks
+KILL = ["--rounds", "16", "--local_steps", "2", "--batch_size", "32", "--bn_recalibration_batches", "1",
+        "--preset", "all", "--ratios", "", "--checkpoint_every", "2", "--collective_timeout", "30",
+        "--image_size", "16"]
+
+
+def _launcher(name, nproc):
+    if name == "torchrun":
+        return [os.path.join(BIN, "torchrun"), "--standalone", "--nproc_per_node", str(nproc)], ENV
+    if name == "accelerate":
+        return ([os.path.join(BIN, "accelerate"), "launch", "--multi_gpu", "--num_processes", str(nproc),
+                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"],
+                {**ENV, "ACCELERATE_USE_CPU": "1"})
+    return [os.path.join(BIN, "deepspeed"), "--num_gpus", str(nproc)], ENV
+
+
+def _rank_pid(out_dir, local_rank):
+    """The pid of the worker process with LOCAL_RANK=local_rank whose command line names out_dir."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if str(out_dir).encode() in cmd and RECIPE.encode() in cmd and f"LOCAL_RANK={local_rank}".encode() in env \
+                and not any(b"torchrun" in c or b"accelerate" in c or b"deepspeed" in c for c in cmd[:2]):
+            return int(pid)
+    raise AssertionError("worker process not found")
+
+
+def _kill_a_rank(launcher, out, extra=()):
+    cmd, env = _launcher(launcher, 2)
+    proc = subprocess.Popen([*cmd, RECIPE, *KILL, *extra, "--output_dir", str(out)], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for_rounds(out, 3, proc)
+    os.kill(_rank_pid(out, 1), signal.SIGKILL)
+    t0 = time.time()
+    log, _ = proc.communicate(timeout=120)
+    took = time.time() - t0
+    assert proc.returncode != 0, log
+    assert took < 30, f"the job took {took:.0f}s to end after the kill"
+    run_dir = _run_dir(out)
+    latest = CheckpointStore(str(run_dir / "checkpoints")).latest()
+    assert latest is not None
+    verify(latest)  # every file matches its checksum
+    return log, run_dir
+
+
+@pytest.mark.slow
+def test_kill9_one_rank_under_torchrun_then_resume_completes_exactly(tmp_path):
+    extra = ["--sync", "alltoall", "--optimizer_state", "carry"]
+    log, run_dir = _kill_a_rank("torchrun", tmp_path / "killed", extra)
+    assert "a collective failed in round" in log and "rerun the same command with --resume latest" in log
+    assert "Signal 9 (SIGKILL) received by PID" in log
+    cmd, env = _launcher("torchrun", 2)
+    proc = subprocess.run([*cmd, RECIPE, *KILL, *extra, "--output_dir", str(tmp_path / "killed"),
+                           "--resume", "latest"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming from" in proc.stdout
+    # S simulated workers in one process equal S processes: the uninterrupted reference runs in one
+    assert main([*KILL, *extra, "--output_dir", str(tmp_path / "reference")]) == 0
+    _same_run(tmp_path / "killed", tmp_path / "reference", same_world=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["accelerate", "deepspeed"])
+def test_kill9_one_rank_ends_the_job_and_keeps_the_checkpoint(tmp_path, launcher):
+    extra = (["--deepspeed", "--deepspeed_config", os.path.join(ROOT, "ds_configs", "zero0_fp32_cpu.json")]
+             if launcher == "deepspeed" else [])
+    log, run_dir = _kill_a_rank(launcher, tmp_path, extra)
+    assert "a collective failed in round" in log or "SIGKILL" in log or "exits with return code = -9" in log, log
+    assert not (run_dir / "summary.json").exists()
+
+
+def test_same_seed_gives_the_same_tickets_and_metrics_twice(tmp_path):
+    args = ["--rounds", "6", "--local_steps", "3", "--batch_size", "32", "--bn_recalibration_batches", "2",
+            "--image_size", "16", "--ratios", "0.5,0.8", "--finetune_epochs", "1"]
+    for name in ("first", "second"):
+        assert main([*args, "--output_dir", str(tmp_path / name)]) == 0
+    a, b = _run_dir(tmp_path / "first"), _run_dir(tmp_path / "second")
+    assert a.name == b.name
+    tickets = sorted(p.name for p in (a / "tickets").iterdir())
+    assert len(tickets) == 2 and tickets == sorted(p.name for p in (b / "tickets").iterdir())
+    timing = {"pretrain_wall_s", "prune_wall_s", "finetune_wall_s", "latency_ms", "dense_latency_ms", "dir"}
+    for t in tickets:
+        for f in ("masks.safetensors", "finetuned.safetensors"):
+            assert (a / "tickets" / t / f).read_bytes() == (b / "tickets" / t / f).read_bytes(), f
+        ra, rb = ({k: v for k, v in json.loads((d / "tickets" / t / "result.json").read_text()).items()
+                   if k not in timing} for d in (a, b))
+        assert ra == rb
+    for log in ("metrics.jsonl", "rounds.jsonl", "tickets.jsonl"):
+        assert (a / log).read_text() == (b / log).read_text(), log
