@@ -47,3 +47,17 @@ def test_help_lists_every_flag():
     for flag in ("--model", "--preset", "--workers", "--local_steps", "--optimizer_state", "--data_order",
                  "--dataset", "--data_dir", "--epochs", "--rounds", "--lr_milestones", "--seed", "--output_dir"):
         assert flag in proc.stdout
+
+
+def test_docs_usage_lists_every_flag():
+    import argparse
+
+    from loft_ext.engine.pipeline import ALL_HPARAMS
+
+    parser = argparse.ArgumentParser()
+    for cls in ALL_HPARAMS:
+        cls.add_args(parser)
+    usage = open(os.path.join(ROOT, "docs", "usage.md")).read()
+    flags = [a.option_strings[0] for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert len(flags) > 50
+    assert [f for f in flags if f"`{f}`" not in usage] == []
