@@ -149,3 +149,21 @@ def test_deepspeed_resume_from_its_checkpoint_continues_exactly(tmp_path):
     assert f"resuming from {ckpt} (after round 2 of 4)" in proc.stdout
     assert (run_dir / "model.safetensors").read_bytes() == final
     assert {n: (run_dir / n).read_text() for n in logs} == logs
+
+
+@pytest.mark.slow
+def test_accelerate_launch_use_deepspeed_passes_the_loft_mpu(tmp_path, plain):
+    """`accelerate launch --use_deepspeed --deepspeed_config_file F`: Accelerate starts the processes,
+    loft_ext builds each worker's engine with the LoFT mpu from F; the same models as plain LoFT."""
+    cmd = [os.path.join(BIN, "accelerate"), "launch", "--use_deepspeed", "--num_processes", "2", "--num_machines",
+           "1", "--deepspeed_config_file", os.path.join(ROOT, "ds_configs", "zero1_fp32_cpu.json"),
+           "--mixed_precision", "no", "--dynamo_backend", "no"]
+    proc = subprocess.run(cmd + [RECIPE, *FAST, "--output_dir", str(tmp_path)], capture_output=True, text=True,
+                          env={**ENV, "ACCELERATE_USE_CPU": "1"}, cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "2 processes = S=2 x D=1 (allgather, gloo, DeepSpeed)" in proc.stdout
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    for rank in (0, 1):
+        assert [x["assembled"] for x in _lines(run_dir, rank, "assembled")] == plain
+        checks = _lines(run_dir, rank, "master_matches")
+        assert len(checks) == 3 and all(c["master_matches"] and c["master_copy"] for c in checks)

@@ -361,6 +361,25 @@ def start_accelerator(out_hp: OutputHparams, wandb: bool, collective_timeout: fl
     return accelerator
 
 
+def deepspeed_from_launcher(ds_hp: DeepSpeedHparams | None) -> DeepSpeedHparams | None:
+    """``accelerate launch --use_deepspeed --deepspeed_config_file F`` turns on the DeepSpeed path with F.
+
+    Accelerate cannot hand DeepSpeed an mpu (it calls ``deepspeed.initialize`` itself in ``prepare``), so
+    loft_ext never lets it prepare the model: Accelerate starts the processes and owns the device, and
+    loft_ext builds each worker's engine with the LoFT mpu from the same config file."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() not in ("true", "1"):
+        return ds_hp
+    ds_hp = ds_hp or DeepSpeedHparams()
+    launched = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+    if not launched:
+        raise ConfigError("accelerate launch --use_deepspeed needs --deepspeed_config_file ds_configs/<config>.json: "
+                          "loft_ext builds the engines itself (with the LoFT mpu) from an explicit config")
+    if ds_hp.deepspeed_config and os.path.abspath(ds_hp.deepspeed_config) != os.path.abspath(launched):
+        raise ConfigError(f"--deepspeed_config {ds_hp.deepspeed_config} conflicts with accelerate launch "
+                          f"--deepspeed_config_file {launched}; pass one of them")
+    return dataclasses.replace(ds_hp, deepspeed=True, deepspeed_config=launched)
+
+
 def check_mixed_precision(mixed_precision: str, device_type: str, bf16_supported: bool | None = None) -> None:
     """Refuse bf16 on a GPU without bf16 support (pre-Ampere) instead of failing inside a kernel."""
     if mixed_precision != "bf16" or device_type != "cuda":
@@ -462,6 +481,7 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
     except GridError as exc:
         raise ConfigError(str(exc)) from None
     say = print_fn if main else (lambda *a, **k: None)
+    ds_hp = deepspeed_from_launcher(ds_hp)
     ds_cfg = None
     if ds_hp is not None and ds_hp.deepspeed:
         try:  # the config is checked first, so its mistakes are reported even in a single process
