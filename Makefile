@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 # DeepSpeed is installed without compiled ops; it builds what it needs at run time.
 export DS_BUILD_OPS := 0
 
-.PHONY: install run run-single test test-fast bench partition-report clean
+.PHONY: install run run-single test test-fast bench bench-smoke partition-report data-fashion-mnist study study-smoke clean
 
 install: $(STAMP)
 
@@ -38,13 +38,33 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	WANDB_MODE=disabled OMP_NUM_THREADS=1 $(PY) -m pytest -q -m 'not slow' $(PYTEST_ARGS)
 
-# communication benchmark on real gloo processes (a few minutes on 2 CPU cores): bytes per rank per epoch
+# every benchmark (communication, step time, memory, sync time; about 7 minutes on 2 CPU cores), one table
+# of ratios vs targets: docs/results/bench.txt, raw numbers in docs/results/bench.json (docs/results.md)
 bench: $(STAMP)
-	$(PY) benchmarks/communication.py
-	OMP_NUM_THREADS=1 $(PY) benchmarks/step_time.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench.py $(ARGS)
+
+# the same benchmarks at tiny sizes (about a minute): checks that they run, not what they measure
+bench-smoke: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench.py --smoke $(ARGS)
 
 partition-report: $(STAMP)
 	$(PY) benchmarks/partition_report.py
+
+# the full Fashion-MNIST in torchvision's layout under data/FashionMNIST/raw/, from Debian's package
+# dataset-fashion-mnist (installed with apt-get when run as root; otherwise the script says what to do)
+data-fashion-mnist:
+	$(PYTHON) scripts/fashion_mnist.py --data_dir data
+
+# the ticket-quality study (docs/results.md "Ticket study"): LoFT S=2/4, dense, Early-Bird and random tickets
+# on digits and a Fashion-MNIST subset, 3 seeds; resumable (re-running skips finished runs);
+# results in docs/results/study.{json,md,*.png}. JOBS pipelines run side by side (one per CPU core).
+JOBS ?= 2
+study: $(STAMP) data-fashion-mnist
+	OMP_NUM_THREADS=1 $(PY) benchmarks/study.py --jobs $(JOBS) $(ARGS)
+
+# the same study at tiny sizes (digits, one seed; under 2 minutes): checks that it runs, not what it measures
+study-smoke: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) benchmarks/study.py --smoke $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,7 +1,8 @@
 """One rank of the communication benchmark (launched by benchmarks/communication.py with torchrun).
 
-Runs a few real rounds or steps of one method on random CIFAR-sized data (bytes do not depend on the
-data) and writes what the counting layer measured, per rank, to ``--out``.
+Runs a few real rounds or steps of each method named on random CIFAR-sized data (bytes do not depend
+on the data) and writes what the counting layer measured, per rank and method, to ``--out``. Several
+methods share one launch (one process start and process group) to save the start-up time.
 """
 from __future__ import annotations
 
@@ -23,19 +24,11 @@ from loft_ext.parallel.comm import Comm  # noqa: E402
 from loft_ext.parallel.grid import build_grid  # noqa: E402
 from loft_ext.partition.plan import make_plan  # noqa: E402
 
+METHODS = ("ddp", "localsgd", "allgather", "alltoall")
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--method", choices=["ddp", "localsgd", "allgather", "alltoall"], required=True)
-    ap.add_argument("--local_steps", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--preset", default="all")
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+
+def run_method(method: str, args: argparse.Namespace, rank: int, world: int) -> dict:
+    """A few real rounds (or steps) of one method from a fresh model; what ``Comm`` counted on this rank."""
     torch.manual_seed(0)
     model = create_model(args.model, num_classes=10, in_chans=3)
     g = torch.Generator().manual_seed(rank)
@@ -45,9 +38,9 @@ def main() -> None:
 
     comm = Comm()
     steps = args.rounds * args.local_steps
-    if args.method in ("ddp", "localsgd"):
+    if method in ("ddp", "localsgd"):
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        if args.method == "ddp":
+        if method == "ddp":
             ddp = torch.nn.parallel.DistributedDataParallel(model)
 
             def counting_hook(state, bucket):  # the bytes DDP's ring all-reduce moves for this bucket
@@ -66,7 +59,7 @@ def main() -> None:
             opt.zero_grad()
             loss.backward()
             opt.step()
-            if args.method == "localsgd" and (step + 1) % args.local_steps == 0:
+            if method == "localsgd" and (step + 1) % args.local_steps == 0:
                 flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
                 comm.all_reduce(flat)  # full-model average every L steps
         rounds = steps // args.local_steps
@@ -74,7 +67,7 @@ def main() -> None:
         grid = build_grid(world)
         plan = make_plan(model, world, args.preset, (1, 3, 32, 32), args.model)
         engine = LoFTEngine(model, plan, lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9), seed=0,
-                            grid=grid, comm=comm, strategy=args.method)
+                            grid=grid, comm=comm, strategy=method)
         for r in range(args.rounds):
             engine.begin_round(r)
             for _ in range(args.local_steps):
@@ -83,10 +76,28 @@ def main() -> None:
         rounds = args.rounds
     totals = comm.totals()
     sent = sum(c["bytes_sent"] for c in totals.values())
-    with open(f"{args.out}.rank{rank}.json", "w") as f:
-        json.dump({"rank": rank, "world": world, "method": args.method, "model": args.model, "steps": steps,
-                   "rounds": rounds, "bytes_sent": sent, "phases": totals}, f)
-    dist.barrier()
+    return {"rank": rank, "world": world, "method": method, "model": args.model, "steps": steps,
+            "rounds": rounds, "bytes_sent": sent, "phases": totals}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--method", nargs="+", choices=METHODS, required=True,
+                    help="one or more methods, run one after another in the same process group")
+    ap.add_argument("--local_steps", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--preset", default="all")
+    ap.add_argument("--out", required=True, help="file prefix; may hold {method}, filled in per method")
+    args = ap.parse_args()
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for method in args.method:
+        record = run_method(method, args, rank, world)
+        with open(f"{args.out.format(method=method)}.rank{rank}.json", "w") as f:
+            json.dump(record, f)
+        dist.barrier()  # no rank starts the next method's collectives while another still runs this one
     dist.destroy_process_group()
 
 

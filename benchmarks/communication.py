@@ -34,18 +34,22 @@ from loft_ext.partition.plan import make_plan  # noqa: E402
 from loft_ext.partition.subnet import draw_partition  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+METHODS = ("ddp", "localsgd", "allgather", "alltoall")
 SAMPLES, BATCH, ELEM = 50_000, 128, 4
 
 
-def launch(model: str, method: str, n: int, local_steps: int, rounds: int, out: str) -> list[dict]:
+def launch(model: str, methods: list[str], n: int, local_steps: int, rounds: int, out_dir: str) -> dict:
+    """Run ``methods`` one after another in one torchrun launch of n ranks; per method, every rank's record
+    (also left in ``out_dir/<model>-<method>-<n>.rank<r>.json``)."""
+    prefix = os.path.join(out_dir, f"{model}-{{method}}-{n}")
     cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone", "--nproc_per_node", str(n),
-           os.path.join(HERE, "comm_worker.py"), "--model", model, "--method", method,
-           "--local_steps", str(local_steps), "--rounds", str(rounds), "--out", out]
+           os.path.join(HERE, "comm_worker.py"), "--model", model, "--method", *methods,
+           "--local_steps", str(local_steps), "--rounds", str(rounds), "--out", prefix]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200 * len(methods))
     if proc.returncode != 0:
-        raise RuntimeError(f"{model} {method} n={n} failed:\n{proc.stderr[-3000:]}")
-    return [json.load(open(f"{out}.rank{r}.json")) for r in range(n)]
+        raise RuntimeError(f"{model} {' '.join(methods)} n={n} failed:\n{proc.stderr[-3000:]}")
+    return {m: [json.load(open(f"{prefix.format(method=m)}.rank{r}.json")) for r in range(n)] for m in methods}
 
 
 def main() -> None:
@@ -56,8 +60,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="rounds measured per run (steps = rounds x L)")
     ap.add_argument("--preset", default="all")
     ap.add_argument("--output", default=os.path.join(HERE, "results", "communication.json"))
+    ap.add_argument("--runs_dir", help="where the ranks' records go (default: the folder of --output)")
     args = ap.parse_args()
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    args.runs_dir = args.runs_dir or os.path.dirname(os.path.abspath(args.output))
+    os.makedirs(args.runs_dir, exist_ok=True)
     L, t0 = args.local_steps, time.time()
     records, table = [], []
     for name in args.models:
@@ -70,9 +76,9 @@ def main() -> None:
             plan = make_plan(model, n, args.preset, (1, 3, 32, 32), name)
             split = sum(p.numel() for k, p in model.named_parameters() if k in plan.tensor_dims)
             row = {"model": name, "n": n}
-            for method in ("ddp", "localsgd", "allgather", "alltoall"):
-                ranks = launch(name, method, n, L, args.rounds, os.path.join(os.path.dirname(args.output),
-                                                                             f"{name}-{method}-{n}"))
+            runs = launch(name, list(METHODS), n, L, args.rounds, args.runs_dir)
+            for method in METHODS:
+                ranks = runs[method]
                 measured = max(r["bytes_sent"] for r in ranks)
                 if method == "ddp":
                     per_unit, units = measured / ranks[0]["steps"], steps_per_epoch

@@ -1,0 +1,815 @@
+#!/usr/bin/env python
+"""Ticket-quality study (issue 7; `make study`): are LoFT tickets as good as dense-pretrained ones?
+
+Methods, all on the same model, data, pretraining budget and fine-tuning budget:
+
+| label | pretraining | ticket |
+|---|---|---|
+| loft-S2, loft-S4 | LoFT with S = 2 / 4 filter workers (`--method loft`) | structured, L2 norm of the producer filters |
+| dense | plain training of the full model (`--method dense`) | structured, L2 |
+| earlybird | dense, stopped by the Early-Bird detector (`--method earlybird`) | structured, BN |gamma| |
+| random | the loft-S2 run of the same budget (reused, not retrained) | the same number of units per group as loft-S2's ticket, chosen at random (`--prune_score random`: what `--method random` does, on the same pretraining) |
+
+Budgets: ``fixed`` (every pretraining runs its full epochs; the detectors only report) and ``stop``
+(LoFT and dense with `--distance_stop`: pretraining ends when the filter-distance rule fires; the
+epochs stay the cap and the schedule). Early-Bird always stops on its own detector, so it belongs to
+the ``stop`` budget only. Every pretraining is followed by one ticket per ratio (0.5 and 0.8, the
+fraction of units removed), each fine-tuned for the same epochs.
+
+Two data sets: scikit-learn's digits (built in) and a fixed stratified subset of Fashion-MNIST
+(`make data-fashion-mnist` first; the subset is written as its own torchvision-layout folder under
+data/, so the runs need no option the pipeline lacks). Every pretraining + tickets is one
+`run_pipeline` call in this process (workers simulated; world size 1 gives the same run as S
+processes); runs live in `<output_dir>/<model>-<hash>/` like any other run, so re-running the study
+skips every finished pretraining and ticket: it can be stopped and resumed, or run in pieces
+(`--datasets`, `--seeds`, `--budgets`, `--methods`). `--jobs 2` runs two pipelines side by side.
+
+Outputs (`--results_dir`, default docs/results): study.json (configuration, every run, every ticket,
+the per-cell statistics, the goals), study.md (tables), study_accuracy_vs_ratio.png and
+study_distance_curves.png. `--report_only` rebuilds them from the finished runs without training.
+
+  python benchmarks/study.py                       # the full study (make study)
+  python benchmarks/study.py --jobs 2              # two pipelines at a time (one per CPU core)
+  python benchmarks/study.py --datasets digits --seeds 0   # a piece of it
+  python benchmarks/study.py --smoke               # digits, one seed, tiny budgets (under 2 minutes)
+  python benchmarks/study.py --plan                # list the pipeline calls and where they would go
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import glob
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+# ---------------------------------------------------------------------------------------- configuration
+@dataclass(frozen=True)
+class DataSpec:
+    """One data set of the study and the budgets that depend on its size."""
+
+    name: str
+    dataset: str
+    image_size: int
+    epochs: int                 # pretraining epochs (fixed budget; the cap of the stop budget)
+    detector_every: int         # rounds between filter-distance records and Early-Bird checks
+    train_subset: int = 0       # fashion_mnist: stratified training subset (0 = all 60,000)
+    test_subset: int = 0        # fashion_mnist: stratified test subset (0 = all 10,000)
+    rounds: int = 0             # > 0: pretraining rounds instead of epochs (smoke only)
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    model: str
+    preset: str
+    local_steps: int
+    batch_size: int
+    lr: float
+    seeds: tuple[int, ...]
+    ratios: tuple[float, ...]
+    finetune_epochs: int
+    finetune_lr: float
+    finetune_batch_size: int
+    distance_window: int
+    distance_eps: float
+    earlybird_ratio: float
+    bn_recalibration_batches: int
+    datasets: tuple[DataSpec, ...]
+
+
+FULL = StudySpec(
+    model="resnet18", preset="all", local_steps=4, batch_size=64, lr=0.1, seeds=(0, 1, 2), ratios=(0.5, 0.8),
+    finetune_epochs=3, finetune_lr=0.01, finetune_batch_size=64, distance_window=5, distance_eps=0.1,
+    earlybird_ratio=0.5, bn_recalibration_batches=8,
+    datasets=(
+        # 1,437 training / 360 test images at 32x32 (the data set's default); 22 batches of 64 per worker
+        # and epoch -> 6 rounds per epoch; detectors every half epoch
+        DataSpec("digits", "digits", image_size=32, epochs=8, detector_every=3),
+        # a stratified 5,000-image training subset, the full 10,000-image test set, at 16x16 (resnet18's
+        # five stride-2 stages still end on a 1x1 map); 78 batches -> 20 rounds per epoch; detectors every
+        # quarter epoch
+        DataSpec("fashion_mnist", "fashion_mnist", image_size=16, epochs=8, detector_every=5, train_subset=5000),
+    ))
+
+SMOKE = dataclasses.replace(
+    FULL, seeds=(0,), finetune_epochs=1, finetune_batch_size=256, distance_window=3, bn_recalibration_batches=1,
+    batch_size=32, local_steps=2,
+    datasets=(DataSpec("digits", "digits", image_size=8, epochs=1, detector_every=1, rounds=4),))
+
+# label -> (pretraining method, S); "random" reuses loft-S2's pretraining (see the docstring)
+PRETRAININGS = {"loft-S2": ("loft", 2), "loft-S4": ("loft", 4), "dense": ("dense", 1),
+                "earlybird": ("earlybird", 1)}
+METHODS = ("loft-S2", "loft-S4", "dense", "earlybird", "random")
+BUDGETS = ("fixed", "stop")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One pretraining and its tickets: one or two run_pipeline calls on the same run directory."""
+
+    data: DataSpec
+    budget: str
+    pretraining: str      # a key of PRETRAININGS
+    seed: int
+    ticket_methods: tuple[str, ...]   # labels of the ticket rows drawn from this pretraining
+
+    @property
+    def key(self) -> str:
+        return f"{self.data.name}/{self.budget}/{self.pretraining}/seed{self.seed}"
+
+
+def make_tasks(spec: StudySpec, datasets, budgets, methods, seeds) -> list[Task]:
+    tasks = []
+    for data in spec.datasets:
+        if data.name not in datasets:
+            continue
+        for seed in seeds:
+            for budget in budgets:
+                for pre in ("loft-S4", "loft-S2", "dense", "earlybird"):  # the longest first
+                    if pre == "earlybird" and budget != "stop":
+                        continue
+                    labels = tuple(m for m in ((pre, "random") if pre == "loft-S2" else (pre,)) if m in methods)
+                    if labels:
+                        tasks.append(Task(data, budget, pre, seed, labels))
+    return tasks
+
+
+def data_dir_of(data: DataSpec, data_root: str) -> str:
+    if data.dataset != "fashion_mnist":
+        return ""
+    path = data_root if not data.train_subset and not data.test_subset else os.path.join(
+        data_root, f"fashion_mnist-train{data.train_subset or 60000}-test{data.test_subset or 10000}")
+    # relative to the checkout when inside it: the path is hashed into the run's name
+    rel = os.path.relpath(path, ROOT)
+    return path if rel.startswith("..") else rel
+
+
+def hparams_of(spec: StudySpec, task: Task, output_dir: str, data_root: str):
+    """(pretraining hparams for run_pipeline, {ticket label: TicketHparams})."""
+    from loft_ext.engine.pipeline import TicketHparams
+    from loft_ext.engine.runner import (DataHparams, DetectorHparams, LoftHparams, ModelHparams, OutputHparams,
+                                        TrainHparams)
+
+    method, workers = PRETRAININGS[task.pretraining]
+    d = task.data
+    pre = (
+        ModelHparams(model=spec.model, preset=spec.preset),
+        DataHparams(dataset=d.dataset, data_dir=data_dir_of(d, data_root), image_size=d.image_size,
+                    batch_size=spec.batch_size),
+        LoftHparams(workers=2 if method != "loft" else workers, local_steps=spec.local_steps, method=method),
+        TrainHparams(epochs=d.epochs, rounds=d.rounds, lr=spec.lr, seed=task.seed,
+                     bn_recalibration_batches=spec.bn_recalibration_batches),
+        DetectorHparams(distance_every=d.detector_every, distance_window=spec.distance_window,
+                        distance_eps=spec.distance_eps,
+                        distance_stop=task.budget == "stop" and method in ("loft", "dense"),
+                        earlybird_ratio=spec.earlybird_ratio, earlybird_every=d.detector_every,
+                        # what run_pretrain sets for --method earlybird before it hashes the run
+                        earlybird_stop=method == "earlybird"),
+        OutputHparams(output_dir=output_dir, tracker="none"),
+    )
+    tickets = {label: TicketHparams(ratios=spec.ratios, ticket="structured",
+                                    prune_score="random" if label == "random" else "auto",
+                                    finetune_epochs=spec.finetune_epochs, finetune_lr=spec.finetune_lr,
+                                    finetune_batch_size=spec.finetune_batch_size)
+               for label in task.ticket_methods}
+    return pre, tickets
+
+
+def run_dir_of(pre, output_dir: str) -> str:
+    """The run directory run_pretrain uses for a single-process run (the same as with S processes)."""
+    from loft_ext.hparams import hparams_hash
+
+    model_hp, data_hp, loft_hp, train_hp, det_hp, _ = pre
+    return os.path.join(output_dir, f"{model_hp.model}-{hparams_hash(model_hp, data_hp, loft_hp, train_hp, det_hp)}")
+
+
+def ticket_dir_of(run_dir: str, ticket_hp, ratio: float) -> str | None:
+    from loft_ext.hparams import hparams_hash
+
+    tid = hparams_hash(dataclasses.replace(ticket_hp, ratios=(ratio,)))
+    found = glob.glob(os.path.join(run_dir, "tickets", f"*-r{ratio:g}-{tid}"))
+    return found[0] if found else None
+
+
+# ---------------------------------------------------------------------------------------- data
+def prepare_data(spec: StudySpec, datasets, data_root: str) -> None:
+    """Checks Fashion-MNIST and writes the stratified subsets the study uses (once)."""
+    for d in spec.datasets:
+        if d.name in datasets and d.dataset == "fashion_mnist":
+            make_fashion_subset(data_root, d.train_subset, d.test_subset)
+
+
+def _read_idx(path: str):
+    import numpy as np
+
+    with open(path, "rb") as f:
+        raw = f.read()
+    magic, n = int.from_bytes(raw[0:4], "big"), int.from_bytes(raw[4:8], "big")
+    if magic == 2051:
+        return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, 28, 28)
+    return np.frombuffer(raw, dtype=np.uint8, offset=8)
+
+
+def _write_idx(path: str, array) -> None:
+    header = (2051 if array.ndim == 3 else 2049).to_bytes(4, "big") + len(array).to_bytes(4, "big")
+    if array.ndim == 3:
+        header += array.shape[1].to_bytes(4, "big") + array.shape[2].to_bytes(4, "big")
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(header + array.tobytes())
+    os.replace(tmp, path)
+
+
+def make_fashion_subset(data_root: str, train: int, test: int) -> str:
+    """<data_root>/fashion_mnist-train<N>-test<M>/FashionMNIST/raw/: the first N/10 (M/10) images of
+    every class in a fixed permutation (seed 0) of the training (test) set, in torchvision's layout."""
+    import numpy as np
+
+    full = os.path.join(data_root, "FashionMNIST", "raw")
+    names = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+    if not all(os.path.isfile(os.path.join(full, n)) for n in names):
+        raise SystemExit(f"error: Fashion-MNIST is not in {full}/; run `make data-fashion-mnist` "
+                         f"(python3 scripts/fashion_mnist.py --data_dir {data_root}) first")
+    if not train and not test:
+        return data_root
+    root = os.path.join(data_root, f"fashion_mnist-train{train or 60000}-test{test or 10000}")
+    raw = os.path.join(root, "FashionMNIST", "raw")
+    if all(os.path.isfile(os.path.join(raw, n)) for n in names):
+        return root
+    os.makedirs(raw, exist_ok=True)
+    for prefix, size in (("train", train), ("t10k", test)):
+        images = _read_idx(os.path.join(full, f"{prefix}-images-idx3-ubyte"))
+        labels = _read_idx(os.path.join(full, f"{prefix}-labels-idx1-ubyte"))
+        if size:
+            if size % 10:
+                raise SystemExit(f"error: a Fashion-MNIST subset must be a multiple of 10 (got {size})")
+            order = np.random.default_rng(0).permutation(len(labels))
+            keep = np.sort(np.concatenate([order[labels[order] == c][:size // 10] for c in range(10)]))
+            images, labels = images[keep], labels[keep]
+        _write_idx(os.path.join(raw, f"{prefix}-images-idx3-ubyte"), np.ascontiguousarray(images))
+        _write_idx(os.path.join(raw, f"{prefix}-labels-idx1-ubyte"), np.ascontiguousarray(labels))
+    return root
+
+
+# ---------------------------------------------------------------------------------------- running
+def pipeline_kwargs(run_pipeline) -> dict:
+    """Checkpoints only when interrupted (SIGINT/SIGTERM), and resume from one if it is there, where the
+    installed pipeline has checkpointing; nothing otherwise."""
+    import inspect
+
+    from loft_ext.engine import runner
+
+    if "ckpt_hp" in inspect.signature(run_pipeline).parameters and hasattr(runner, "CheckpointHparams"):
+        return {"ckpt_hp": runner.CheckpointHparams(checkpoint_every=-1, resume="latest")}
+    return {}
+
+
+def run_task(spec: StudySpec, task: Task, output_dir: str, data_root: str, log_dir: str, echo: bool) -> dict:
+    """One pretraining and its tickets through loft_ext's run_pipeline; the pipeline's lines go to the
+    task's log file (and to stdout with ``echo``). Finished stages are skipped by the pipeline."""
+    try:
+        return _run_task(spec, task, output_dir, data_root, log_dir, echo)
+    except KeyboardInterrupt:
+        return {"task": task.key, "interrupted": "interrupted (SIGINT)"}
+    except Exception as exc:  # noqa: BLE001 - re-raised as one picklable error naming the task
+        if type(exc).__name__ == "Preempted":  # SIGINT/SIGTERM in pretraining: it checkpointed and stopped
+            return {"task": task.key, "interrupted": str(exc)}
+        raise RuntimeError(f"{task.key}: {type(exc).__name__}: {exc}") from None
+
+
+def _run_task(spec: StudySpec, task: Task, output_dir: str, data_root: str, log_dir: str, echo: bool) -> dict:
+    import resource
+
+    import torch
+
+    from loft_ext.engine.pipeline import run_pipeline
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    pre, tickets = hparams_of(spec, task, output_dir, data_root)
+    extra = pipeline_kwargs(run_pipeline)
+    os.makedirs(log_dir, exist_ok=True)
+    log_path = os.path.join(log_dir, task.key.replace("/", "_") + ".log")
+    t0 = time.time()
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    with open(log_path, "a") as log:
+        def say(*args, **kwargs):
+            kwargs.pop("flush", None)
+            line = " ".join(str(a) for a in args)
+            log.write(line + "\n")
+            log.flush()
+            if echo:
+                print(f"[{task.key}] {line}", flush=True)
+
+        log.write(f"== {time.strftime('%Y-%m-%d %H:%M:%S')} {task.key}\n")
+        redirect = contextlib.nullcontext() if echo else contextlib.redirect_stderr(log)
+        with redirect:
+            for label, ticket_hp in tickets.items():
+                result = run_pipeline(*pre, ticket_hp, print_fn=say, **extra)
+                expected = run_dir_of(pre, output_dir)
+                if os.path.abspath(result["run_dir"]) != os.path.abspath(expected):
+                    raise RuntimeError(f"run directory {result['run_dir']} differs from the study's {expected}")
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    return {"task": task.key, "wall_s": time.time() - t0, "log": log_path,
+            "cpu_s": cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime}
+
+
+def run_tasks(spec: StudySpec, tasks: list[Task], output_dir: str, data_root: str, jobs: int, echo: bool) -> None:
+    log_dir = os.path.join(output_dir, "logs")
+    t_start = time.time()
+    done = 0
+
+    def report(info: dict) -> None:
+        nonlocal done
+        if "interrupted" in info:
+            print(f"{info['task']}: {info['interrupted']}", file=sys.stderr, flush=True)
+            raise KeyboardInterrupt
+        done += 1
+        print(f"[{done}/{len(tasks)}] {info['task']} done in {info['wall_s']:.0f}s (cpu {info['cpu_s']:.0f}s; "
+              f"study {time.time() - t_start:.0f}s; log {os.path.relpath(info['log'], ROOT)})", flush=True)
+
+    if jobs <= 1:
+        for task in tasks:
+            report(run_task(spec, task, output_dir, data_root, log_dir, echo))
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        futures = [pool.submit(run_task, spec, task, output_dir, data_root, log_dir, False) for task in tasks]
+        for future in as_completed(futures):
+            report(future.result())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # running pipelines end (or checkpoint) first
+
+
+# ---------------------------------------------------------------------------------------- collecting
+def _read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+_BYTES_CACHE: dict = {}
+
+
+def sync_bytes_per_round(spec: StudySpec, data: DataSpec, workers: int) -> float:
+    """Bytes one rank sends per round when the S workers are S processes (allgather, fp32, D=1): the
+    analytic count, which the measured count equals exactly (tests/test_distributed.py)."""
+    key = (spec.model, spec.preset, data.dataset, data.image_size, workers)
+    if key not in _BYTES_CACHE:
+        import torch
+
+        from loft_ext.models import create_model
+        from loft_ext.parallel.analytic import allgather_round_bytes
+        from loft_ext.partition.plan import make_plan
+
+        torch.manual_seed(0)
+        model = create_model(spec.model, 10, 1)
+        plan = make_plan(model, workers, spec.preset, (1, 1, data.image_size, data.image_size), spec.model)
+        _BYTES_CACHE[key] = allgather_round_bytes(model, plan, workers, 4) if workers > 1 else 0.0
+    return _BYTES_CACHE[key]
+
+
+def collect_run(spec: StudySpec, task: Task, output_dir: str, data_root: str) -> tuple[dict | None, list[dict]]:
+    """(pretraining record, ticket records) of a task from its run directory; (None, []) if unfinished."""
+    pre, tickets = hparams_of(spec, task, output_dir, data_root)
+    run_dir = run_dir_of(pre, output_dir)
+    summary_path = os.path.join(run_dir, "summary.json")
+    if not os.path.isfile(summary_path):
+        return None, []
+    summary = _read_json(summary_path)
+    rounds, epochs = summary["rounds_done"], summary["epochs_done"]
+    per_epoch = rounds / epochs if epochs else float("nan")
+    fired = {t["detector"]: t["round"] for t in summary.get("tickets", [])}
+    curves = {"epoch": [], "consecutive": [], "to_last": [], "window_max_epoch": [], "window_max": []}
+    dist_path = os.path.join(run_dir, "distance", "distances.json")
+    if os.path.isfile(dist_path):
+        d = _read_json(dist_path)
+        curves["epoch"] = [r / per_epoch for r in d["rounds"]]
+        curves["consecutive"] = [None] + [c["aggregate"] for c in d["consecutive"]]
+        curves["to_last"] = d["to_last"]["aggregate"]
+    for line in _read_jsonl(os.path.join(run_dir, "rounds.jsonl")):
+        if "distance/window_max" in line:
+            curves["window_max_epoch"].append(line["step"] / per_epoch)
+            curves["window_max"].append(line["distance/window_max"])
+    method, workers = PRETRAININGS[task.pretraining]
+    per_round = sync_bytes_per_round(spec, task.data, workers if method == "loft" else 1)
+    run = {
+        "dataset": task.data.name, "budget": task.budget, "pretraining": task.pretraining, "seed": task.seed,
+        "method": method, "S": summary["workers"], "run_dir": os.path.relpath(run_dir, ROOT),
+        "rounds": rounds, "epochs": epochs, "rounds_per_epoch": per_epoch, "stopped_early": summary["stopped_early"],
+        "distance_fired_epoch": fired["distance_stop"] / per_epoch if "distance_stop" in fired else None,
+        "earlybird_fired_epoch": fired["earlybird"] / per_epoch if "earlybird" in fired else None,
+        "pretrain_test_acc": summary["test_acc"], "pretrain_wall_s": summary["wall_s"],
+        "sync_bytes_per_rank": per_round * rounds, "measured_sync_bytes": summary.get("sync_bytes_sent", 0.0),
+        "test_acc_curve": [(m["round"] / per_epoch, m["test_acc"]) for m in
+                           _read_jsonl(os.path.join(run_dir, "metrics.jsonl"))],
+        "distance": curves,
+    }
+    rows = []
+    for label, ticket_hp in tickets.items():
+        for ratio in spec.ratios:
+            tdir = ticket_dir_of(run_dir, ticket_hp, ratio)
+            if tdir is None or not os.path.isfile(os.path.join(tdir, "result.json")):
+                continue
+            r = _read_json(os.path.join(tdir, "result.json"))
+            rows.append({
+                "dataset": task.data.name, "budget": task.budget, "method": label, "pretraining": task.pretraining,
+                "seed": task.seed, "ratio": ratio, "score": r["score"], "test_acc": r["test_acc"],
+                "pretrain_test_acc": r.get("pretrain_test_acc"), "params": r["params"],
+                "kept_params": r["kept_params"], "flops": r["flops"], "kept_flops": r["kept_flops"],
+                "pretrain_epochs": epochs, "distance_fired_epoch": run["distance_fired_epoch"],
+                "earlybird_fired_epoch": run["earlybird_fired_epoch"],
+                "sync_bytes_per_rank": run["sync_bytes_per_rank"],
+                # the random control reuses loft-S2's pretraining: these are that run's numbers
+                "pretrain_wall_s": run["pretrain_wall_s"],
+                "prune_wall_s": r.get("prune_wall_s"), "finetune_wall_s": r.get("finetune_wall_s"),
+                "ticket_dir": os.path.relpath(tdir, ROOT),
+            })
+    return run, rows
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _std(values):
+    values = [v for v in values if v is not None]
+    return statistics.stdev(values) if len(values) > 1 else (0.0 if values else None)
+
+
+def summarise(spec: StudySpec, runs: list[dict], rows: list[dict]) -> dict:
+    cells = []
+    for d in spec.datasets:
+        for budget in BUDGETS:
+            for method in METHODS:
+                for ratio in spec.ratios:
+                    key = (d.name, budget, method, ratio)
+                    sel = [r for r in rows if (r["dataset"], r["budget"], r["method"], r["ratio"]) == key]
+                    if not sel:
+                        continue
+                    accs = [r["test_acc"] for r in sel]
+                    dist = [r["distance_fired_epoch"] for r in sel]
+                    eb = [r["earlybird_fired_epoch"] for r in sel]
+                    cells.append({
+                        "dataset": d.name, "budget": budget, "method": method, "ratio": ratio, "n": len(sel),
+                        "seeds": [r["seed"] for r in sel], "test_acc_mean": _mean(accs), "test_acc_std": _std(accs),
+                        "test_acc": accs, "pretrain_test_acc_mean": _mean([r["pretrain_test_acc"] for r in sel]),
+                        "pretrain_epochs_mean": _mean([r["pretrain_epochs"] for r in sel]),
+                        "distance_fired_epoch_mean": _mean(dist), "distance_fired": sum(v is not None for v in dist),
+                        "distance_fired_epoch": dist,
+                        "earlybird_fired_epoch_mean": _mean(eb), "earlybird_fired": sum(v is not None for v in eb),
+                        "earlybird_fired_epoch": eb,
+                        "kept_params": _mean([r["kept_params"] for r in sel]), "params": sel[0]["params"],
+                        "kept_flops": _mean([r["kept_flops"] for r in sel]), "flops": sel[0]["flops"],
+                        "sync_mib_per_rank_mean": _mean([r["sync_bytes_per_rank"] / 2 ** 20 for r in sel]),
+                        "pretrain_wall_s_mean": _mean([r["pretrain_wall_s"] for r in sel]),
+                        "prune_wall_s_mean": _mean([r["prune_wall_s"] for r in sel]),
+                        "finetune_wall_s_mean": _mean([r["finetune_wall_s"] for r in sel]),
+                    })
+    return {"cells": cells, "goals": goals(spec, runs, cells)}
+
+
+def _cell(cells, dataset, budget, method, ratio):
+    for c in cells:
+        if (c["dataset"], c["budget"], c["method"], c["ratio"]) == (dataset, budget, method, ratio):
+            return c
+    return None
+
+
+def goals(spec: StudySpec, runs: list[dict], cells: list[dict]) -> list[dict]:
+    """The issue's targets, per data set and budget, from the mean over seeds."""
+    out = []
+    for d in spec.datasets:
+        for budget in BUDGETS:
+            for method in ("loft-S2", "loft-S4"):
+                for ratio in (0.5, 0.8):
+                    a, b = _cell(cells, d.name, budget, method, ratio), _cell(cells, d.name, budget, "dense", ratio)
+                    if a and b:
+                        gap = 100 * (b["test_acc_mean"] - a["test_acc_mean"])
+                        out.append({"goal": "LoFT ticket within 0.5 point of the dense ticket", "dataset": d.name,
+                                    "budget": budget, "method": method, "ratio": ratio,
+                                    "value": f"dense - {method} = {gap:+.2f} points", "met": gap <= 0.5})
+            a, b = _cell(cells, d.name, budget, "loft-S2", 0.8), _cell(cells, d.name, budget, "random", 0.8)
+            if a and b:
+                gap = 100 * (a["test_acc_mean"] - b["test_acc_mean"])
+                out.append({"goal": "random ticket trails LoFT's by >= 1 point at r=0.8", "dataset": d.name,
+                            "budget": budget, "method": "random", "ratio": 0.8,
+                            "value": f"loft-S2 - random = {gap:+.2f} points", "met": gap >= 1.0})
+        # the detector comparison uses the fixed budget: both runs see every record up to the cap
+        dense = [r for r in runs if (r["dataset"], r["budget"], r["pretraining"]) == (d.name, "fixed", "dense")]
+        for method in ("loft-S2", "loft-S4"):
+            loft = [r for r in runs if (r["dataset"], r["budget"], r["pretraining"]) == (d.name, "fixed", method)]
+            if not dense or not loft:
+                continue
+            cap = d.rounds / dense[0]["rounds_per_epoch"] if d.rounds else d.epochs
+            # a detector that never fired counts as firing at the cap (a lower bound on its epoch)
+            def fired(rs):
+                return [cap if r["distance_fired_epoch"] is None else r["distance_fired_epoch"] for r in rs]
+
+            e_dense, e_loft = _mean(fired(dense)), _mean(fired(loft))
+            never = [name for name, rs in (("dense", dense), (method, loft))
+                     if any(r["distance_fired_epoch"] is None for r in rs)]
+            note = (f" (did not fire within {cap:g} epochs in some seeds of: {', '.join(never)}; counted at the cap)"
+                    if never else "")
+            out.append({"goal": "filter-distance rule fires on LoFT at <= 0.6x dense's epoch", "dataset": d.name,
+                        "budget": "fixed", "method": method, "ratio": None,
+                        "value": f"{method} {e_loft:.2f} / dense {e_dense:.2f} = {e_loft / e_dense:.2f}x{note}",
+                        "met": e_loft <= 0.6 * e_dense})
+    return out
+
+
+# ---------------------------------------------------------------------------------------- writing
+COLORS = {"loft-S2": "tab:blue", "loft-S4": "tab:cyan", "dense": "tab:red", "earlybird": "tab:orange",
+          "random": "tab:gray"}
+
+
+def _legend(ax) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    if any(not label.startswith("eps") for label in labels):
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no finished runs yet", ha="center", va="center", transform=ax.transAxes, fontsize=9)
+
+
+def plot_accuracy(spec: StudySpec, cells: list[dict], path: str) -> None:
+    from loft_ext.plotting import plt
+
+    names = [d.name for d in spec.datasets]
+    fig, axes = plt.subplots(len(BUDGETS), len(names), figsize=(4.6 * len(names), 3.4 * len(BUDGETS)), squeeze=False)
+    for j, name in enumerate(names):
+        for i, budget in enumerate(BUDGETS):
+            ax = axes[i][j]
+            for k, method in enumerate(METHODS):
+                sel = sorted((c for c in cells if (c["dataset"], c["budget"], c["method"]) == (name, budget, method)),
+                             key=lambda c: c["ratio"])
+                if not sel:
+                    continue
+                x = [c["ratio"] + 0.006 * (k - 2) for c in sel]  # small offsets so error bars do not overlap
+                ax.errorbar(x, [100 * c["test_acc_mean"] for c in sel], yerr=[100 * c["test_acc_std"] for c in sel],
+                            marker="o", markersize=4, capsize=3, color=COLORS[method], label=method)
+            ax.set_title(f"{name}, {budget} budget", fontsize=9)
+            ax.set_xlabel("pruning ratio r (fraction of units removed)")
+            ax.set_ylabel("ticket test accuracy (%)")
+            ax.set_xticks(list(spec.ratios))
+            ax.grid(alpha=0.3)
+            _legend(ax)
+    fig.suptitle(f"{spec.model} structured tickets, {spec.finetune_epochs} fine-tuning epochs\n"
+                 f"(mean +- std over seeds)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _mean_curve(curves: list[tuple[list, list]]):
+    """Mean and std over seeds of curves sampled at the same x (the shortest length wins)."""
+    curves = [(x, y) for x, y in curves if x]
+    if not curves:
+        return [], [], []
+    n = min(len(x) for x, _ in curves)
+    xs = curves[0][0][:n]
+    ys = [[y[i] for _, y in curves if y[i] is not None] for i in range(n)]
+    keep = [i for i in range(n) if ys[i]]
+    return [xs[i] for i in keep], [_mean(ys[i]) for i in keep], [_std(ys[i]) for i in keep]
+
+
+def plot_distances(spec: StudySpec, runs: list[dict], path: str) -> None:
+    from loft_ext.plotting import plt
+
+    names = [d.name for d in spec.datasets]
+    fig, axes = plt.subplots(2, len(names), figsize=(4.8 * len(names), 6.4), squeeze=False)
+    for j, name in enumerate(names):
+        top, bottom = axes[0][j], axes[1][j]
+        for pre in ("loft-S2", "loft-S4", "dense"):
+            sel = [r for r in runs if (r["dataset"], r["budget"], r["pretraining"]) == (name, "fixed", pre)]
+            if not sel:
+                continue
+            color = COLORS[pre]
+            x, m, s = _mean_curve([(r["distance"]["epoch"], r["distance"]["consecutive"]) for r in sel])
+            if x:
+                top.plot(x, m, marker="o", markersize=3, color=color, label=pre)
+                top.fill_between(x, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], color=color,
+                                 alpha=0.15)
+            x, m, s = _mean_curve([(r["distance"]["window_max_epoch"], r["distance"]["window_max"]) for r in sel])
+            if x:
+                bottom.plot(x, m, marker="o", markersize=3, color=color, label=pre)
+                bottom.fill_between(x, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], color=color,
+                                    alpha=0.15)
+            fired = _mean([r["distance_fired_epoch"] for r in sel])
+            if fired is not None:
+                bottom.axvline(fired, color=color, linestyle=":", linewidth=1)
+        bottom.axhline(spec.distance_eps, color="black", linestyle="--", linewidth=1,
+                       label=f"eps = {spec.distance_eps:g}")
+        top.set_title(f"{name}: consecutive records", fontsize=9)
+        bottom.set_title(f"{name}: rule statistic (max over {spec.distance_window} records)\n"
+                         f"dotted: mean epoch the rule fired", fontsize=9)
+        for ax in (top, bottom):
+            ax.set_xlabel("epoch")
+            ax.set_ylabel("normalised filter distance")
+            ax.set_yscale("symlog", linthresh=1e-3)
+            ax.set_ylim(0, 1.5)
+            ax.grid(alpha=0.3)
+            _legend(ax)
+    fig.suptitle("filter distance, LoFT vs dense, fixed budget\n(aggregate over the split layers; mean +- std "
+                 "over seeds)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _fmt(value, fmt="{:.2f}", none="-"):
+    return none if value is None else fmt.format(value)
+
+
+def write_markdown(spec: StudySpec, result: dict, path: str, smoke: bool, missing: list[str]) -> None:
+    cells, runs = result["summary"]["cells"], result["runs"]
+    lines = [f"# Ticket study{' (smoke run: tiny budgets, not results)' if smoke else ''}", "",
+             f"Written by `python benchmarks/study.py{' --smoke' if smoke else ''}` on {result['written']}. "
+             "Raw numbers: study.json. Setup: docs/results.md, section \"Ticket study\".", ""]
+    if missing:
+        lines += [f"**Incomplete**: {len(missing)} of {len(missing) + len(runs)} pretraining runs are not "
+                  f"finished yet (listed in study.json, `missing_runs`); run `make study` to continue.", ""]
+    lines += ["Setup: " + ", ".join(
+        [f"{spec.model} (preset `{spec.preset}`)", f"L={spec.local_steps}", f"batch {spec.batch_size}",
+         f"lr {spec.lr} step schedule", f"seeds {','.join(map(str, spec.seeds))}",
+         f"structured tickets at r = {', '.join(f'{r:g}' for r in spec.ratios)}",
+         f"fine-tuning {spec.finetune_epochs} epochs (lr {spec.finetune_lr}, cosine, batch {spec.finetune_batch_size})",
+         f"filter-distance rule: window {spec.distance_window}, eps {spec.distance_eps:g}"]) + ".", ""]
+    for d in spec.datasets:
+        sub = (f", training subset {d.train_subset}" if d.train_subset else "") + \
+              (f", test subset {d.test_subset}" if d.test_subset else "")
+        budget = f"{d.rounds} rounds" if d.rounds else f"{d.epochs} epochs"
+        lines += [f"## {d.name} ({d.image_size}x{d.image_size}{sub}; pretraining {budget}; detectors every "
+                  f"{d.detector_every} rounds)", ""]
+        for budget in BUDGETS:
+            sel = [c for c in cells if (c["dataset"], c["budget"]) == (d.name, budget)]
+            if not sel:
+                continue
+            title = ("fixed budget" if budget == "fixed"
+                     else "detector stop (LoFT/dense: filter distance; Early-Bird: its own)")
+            lines += [f"### {title}", "",
+                      "| method | r | ticket test acc (%) mean +- std (n) | vs dense (points) | kept params (M) | "
+                      "pretrain epochs | distance fired @ epoch | Early-Bird fired @ epoch | sync MiB/rank (S procs) | "
+                      "pretrain s | fine-tune s |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|"]
+            for c in sel:
+                dense = _cell(cells, d.name, budget, "dense", c["ratio"])
+                delta = (100 * (c["test_acc_mean"] - dense["test_acc_mean"]) if dense and c["method"] != "dense"
+                         else None)
+                fired = lambda k: (f"{_fmt(c[k + '_epoch_mean'])} ({c[k]}/{c['n']})" if c[k] else f"- (0/{c['n']})")
+                lines.append(
+                    f"| {c['method']} | {c['ratio']:g} | "
+                    f"{100 * c['test_acc_mean']:.2f} +- {100 * c['test_acc_std']:.2f} ({c['n']}) | "
+                    f"{_fmt(delta, '{:+.2f}')} | {c['kept_params'] / 1e6:.3f} of {c['params'] / 1e6:.3f} | "
+                    f"{_fmt(c['pretrain_epochs_mean'])} | {fired('distance_fired')} | {fired('earlybird_fired')} | "
+                    f"{c['sync_mib_per_rank_mean']:.0f} | {_fmt(c['pretrain_wall_s_mean'], '{:.0f}')} | "
+                    f"{_fmt(c['finetune_wall_s_mean'], '{:.0f}')} |")
+            lines.append("")
+    lines += ["## Goals (issue 7)", "", "| goal | data set | budget | method | r | value | met |",
+              "|---|---|---|---|---|---|---|"]
+    for g in result["summary"]["goals"]:
+        lines.append(f"| {g['goal']} | {g['dataset']} | {g['budget']} | {g['method']} | "
+                     f"{'-' if g['ratio'] is None else format(g['ratio'], 'g')} | {g['value']} | "
+                     f"{'yes' if g['met'] else '**no**'} |")
+    lines += ["", "Columns: `distance fired` / `Early-Bird fired`: mean epoch at which the detector fired, over "
+              "the seeds where it did (how many in brackets); in the fixed budget the detectors only report. "
+              "`sync MiB/rank`: what one rank sends in pretraining when the S workers are S processes "
+              "(allgather, fp32; the analytic count, equal to the measured one); dense and Early-Bird train "
+              "one model in one process and send nothing. `random` tickets are drawn from loft-S2's "
+              "pretraining of the same seed and budget (the same run: its epochs, detectors, bytes and "
+              "pretraining time are that run's). Times are wall seconds of one single-threaded pipeline "
+              "(longer when the cores are shared).", "",
+              "![accuracy vs ratio](study_accuracy_vs_ratio.png)", "",
+              "![filter distance](study_distance_curves.png)", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def write_outputs(spec: StudySpec, tasks: list[Task], output_dir: str, data_root: str, results_dir: str,
+                  smoke: bool) -> dict:
+    runs, rows, missing = [], [], []
+    for task in tasks:
+        run, task_rows = collect_run(spec, task, output_dir, data_root)
+        if run is None:
+            missing.append(task.key)
+            continue
+        runs.append(run)
+        rows += task_rows
+    result = {"written": time.strftime("%Y-%m-%d %H:%M:%S"), "smoke": smoke, "config": dataclasses.asdict(spec),
+              "output_dir": os.path.relpath(output_dir, ROOT), "missing_runs": missing, "runs": runs, "tickets": rows}
+    result["summary"] = summarise(spec, runs, rows)
+    os.makedirs(results_dir, exist_ok=True)
+    with open(os.path.join(results_dir, "study.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    write_markdown(spec, result, os.path.join(results_dir, "study.md"), smoke, missing)
+    plot_accuracy(spec, result["summary"]["cells"], os.path.join(results_dir, "study_accuracy_vs_ratio.png"))
+    plot_distances(spec, runs, os.path.join(results_dir, "study_distance_curves.png"))
+    return result
+
+
+def print_summary(result: dict) -> None:
+    cells = result["summary"]["cells"]
+    print(f"{'data set':<14} {'budget':<6} {'method':<10} {'r':>4} {'acc % (mean +- std, n)':>24} "
+          f"{'pre-ep':>6} {'dist@ep':>7} {'EB@ep':>6}")
+    for c in cells:
+        print(f"{c['dataset']:<14} {c['budget']:<6} {c['method']:<10} {c['ratio']:>4g} "
+              f"{100 * c['test_acc_mean']:>14.2f} +- {100 * c['test_acc_std']:4.2f} ({c['n']}) "
+              f"{_fmt(c['pretrain_epochs_mean']):>6} {_fmt(c['distance_fired_epoch_mean']):>7} "
+              f"{_fmt(c['earlybird_fired_epoch_mean']):>6}")
+    for g in result["summary"]["goals"]:
+        where = ", ".join([g["dataset"], g["budget"], g["method"]] + ([f"r={g['ratio']:g}"] if g["ratio"] else []))
+        print(f"goal: {g['goal']} [{where}]: {g['value']} -> {'met' if g['met'] else 'NOT met'}")
+
+
+# ---------------------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="digits only, one seed, tiny budgets (< 2 minutes)")
+    parser.add_argument("--datasets", default="", help="comma-separated subset of the study's data sets")
+    parser.add_argument("--seeds", default="", help="comma-separated subset of the seeds")
+    parser.add_argument("--budgets", default=",".join(BUDGETS), help="fixed, stop or both")
+    parser.add_argument("--methods", default=",".join(METHODS), help="subset of " + ", ".join(METHODS))
+    parser.add_argument("--jobs", type=int, default=1, help="pipelines run side by side (processes); 2 on 2 cores")
+    parser.add_argument("--output_dir", default="", help="run directories (default runs/study, runs/study-smoke)")
+    parser.add_argument("--results_dir", default="", help="study.json/.md and plots (default docs/results, "
+                        "<output_dir>/results with --smoke)")
+    parser.add_argument("--data_root", default=os.path.join(ROOT, "data"), help="holds FashionMNIST/raw/")
+    parser.add_argument("--report_only", action="store_true",
+                        help="write the outputs from finished runs; train nothing")
+    parser.add_argument("--plan", action="store_true", help="list the pipeline calls and their run directories")
+    parser.add_argument("--echo", action="store_true", help="also print the pipelines' lines (jobs=1)")
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    spec = SMOKE if args.smoke else FULL
+    output_dir = os.path.abspath(args.output_dir or
+                                 os.path.join(ROOT, "runs", "study-smoke" if args.smoke else "study"))
+    results_dir = os.path.abspath(args.results_dir or (os.path.join(output_dir, "results") if args.smoke
+                                                        else os.path.join(ROOT, "docs", "results")))
+    data_root = os.path.abspath(args.data_root)
+    names = [d.name for d in spec.datasets]
+    datasets = args.datasets.split(",") if args.datasets else names
+    seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else spec.seeds
+    budgets = tuple(b for b in args.budgets.split(",") if b)
+    methods = tuple(m for m in args.methods.split(",") if m)
+    for kind, given, allowed in (("data set", datasets, names), ("budget", budgets, BUDGETS),
+                                 ("method", methods, METHODS), ("seed", seeds, spec.seeds)):
+        bad = [x for x in given if x not in allowed]
+        if bad:
+            print(f"error: unknown {kind} {', '.join(map(str, bad))}; choose from {', '.join(map(str, allowed))}",
+                  file=sys.stderr)
+            return 2
+    tasks = make_tasks(spec, datasets, budgets, methods, seeds)
+    os.chdir(ROOT)
+    if args.plan:
+        for task in tasks:
+            pre, _ = hparams_of(spec, task, output_dir, data_root)
+            done = os.path.isfile(os.path.join(run_dir_of(pre, output_dir), "summary.json"))
+            print(f"{task.key:<40} tickets {','.join(task.ticket_methods):<16} "
+                  f"{os.path.relpath(run_dir_of(pre, output_dir), ROOT)}{'  (pretrained)' if done else ''}")
+        return 0
+    t0 = time.time()
+    if not args.report_only:
+        prepare_data(spec, datasets, data_root)
+        print(f"study: {len(tasks)} pretrainings (+ tickets) -> {os.path.relpath(output_dir, ROOT)}; "
+              f"finished stages are skipped", flush=True)
+        try:
+            run_tasks(spec, tasks, output_dir, data_root, args.jobs, args.echo)
+        except KeyboardInterrupt:
+            print("interrupted: run the same command again to continue (finished pretrainings and tickets are "
+                  "skipped; an interrupted pretraining continues from the checkpoint it wrote, where the "
+                  "pipeline has checkpointing, else starts over; an interrupted fine-tuning starts over)",
+                  file=sys.stderr)
+            return 130
+        except RuntimeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    all_tasks = make_tasks(spec, names, BUDGETS, METHODS, spec.seeds)  # the report covers the whole study
+    result = write_outputs(spec, all_tasks, output_dir, data_root, results_dir, args.smoke)
+    print_summary(result)
+    print(f"wrote {os.path.relpath(results_dir, ROOT)}/study.json, study.md, study_accuracy_vs_ratio.png, "
+          f"study_distance_curves.png ({len(result['runs'])} of {len(all_tasks)} pretrainings finished; "
+          f"{time.time() - t0:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""`make bench` in its smoke size: every benchmark runs, writes its numbers, and the numbers make sense.
+
+One run of ``benchmarks/bench.py --smoke`` (about a minute on 2 CPU cores: it starts gloo process
+groups with torchrun and one process per memory row); the tests below read its JSON.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = ("ddp", "localsgd", "allgather", "alltoall")
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench.py"), "--smoke", "--output", str(out)],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out) as f:
+        data = json.load(f)
+    data["text"] = out.with_suffix(".txt").read_text()
+    data["stdout"] = proc.stdout
+    return data
+
+
+def test_communication_measured_equals_analytic(smoke):
+    result = smoke["benchmarks"]["communication"]["result"]
+    assert sorted(run["method"] for run in result["runs"]) == sorted(METHODS)
+    for run in result["runs"]:
+        assert run["measured_bytes"] > 0
+        assert run["measured_bytes"] == pytest.approx(run["analytic_bytes_same_steps"], rel=1e-9), run["method"]
+    (row,) = result["table"]
+    for method in (*METHODS, "star"):
+        assert row[method] > 0
+    assert row["ddp"] > row["localsgd"] > row["alltoall"]  # L=2: local SGD averages every 2nd step, LoFT moves less
+
+
+def test_memory_ratios_of_sub_networks(smoke):
+    rows = smoke["benchmarks"]["memory"]["result"]["rows"]
+    assert [(r["model"], r["S"]) for r in rows] == [("resnet18", 1), ("resnet18", 2), ("resnet18", 4)]
+    for r in rows:
+        exact = r["exact"]
+        assert min(exact["params"], exact["grads"], exact["optimizer_state"], exact["activations"]) > 0
+        assert exact["grads"] == exact["params"] == exact["optimizer_state"]  # SGD momentum: one buffer per param
+        assert r["rss"]["growth"] > 0
+    for r in rows[1:]:
+        assert 0 < r["ratio_exact"] < 1 and 0 < r["ratio_rss"] < 1
+    assert rows[2]["ratio_exact"] < rows[1]["ratio_exact"]  # S=4 is narrower than S=2
+
+
+def test_sync_and_compute_times(smoke):
+    strategies = smoke["benchmarks"]["sync_time"]["result"]["strategies"]
+    assert sorted(strategies) == ["allgather", "alltoall"]
+    for r in strategies.values():
+        assert len(r["ranks"]) == 2
+        assert r["median_seconds"]["compute"] > 0 and r["median_seconds"]["sync"] > 0
+        assert r["sync_bytes_sent_per_round"] > 0
+    assert (strategies["alltoall"]["sync_bytes_sent_per_round"]
+            < strategies["allgather"]["sync_bytes_sent_per_round"])
+
+
+def test_step_times(smoke):
+    result = smoke["benchmarks"]["step_time"]["result"]
+    assert set(result["median_seconds"]) == {"dense", "S=2", "S=4"}
+    assert all(t > 0 for t in result["median_seconds"].values())
+
+
+def test_combined_table_and_provenance(smoke):
+    benchmarks = {row["benchmark"] for row in smoke["table"]}
+    assert benchmarks == {"communication", "step time", "memory", "sync time"}
+    exactness = [r for r in smoke["table"] if r["measure"].startswith("max |measured / analytic")]
+    assert exactness and all(r["status"] == "met" for r in exactness)
+    assert smoke["machine"]["cpus"] >= 1 and smoke["machine"]["versions"]["torch"]
+    assert smoke["machine"]["versions"]["timm"] and smoke["machine"]["python"]
+    assert "bench.py --smoke" in smoke["command"]
+    for row in smoke["table"]:
+        assert row["shown"] in smoke["text"]
