@@ -260,3 +260,7 @@ def test_same_seed_gives_the_same_tickets_and_metrics_twice(tmp_path):
         assert ra == rb
     for log in ("metrics.jsonl", "rounds.jsonl", "tickets.jsonl"):
         assert (a / log).read_text() == (b / log).read_text(), log
+    # a later call with another ratio adds its ticket; summary.json keeps the earlier ones
+    assert main([*args[:-4], "--ratios", "0.3", "--finetune_epochs", "1", "--output_dir", str(tmp_path / "first")]) == 0
+    rows = json.loads((a / "summary.json").read_text())["ticket_rows"]
+    assert sorted(r["ratio"] for r in rows) == [0.3, 0.5, 0.8]

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..checkpoint import write_json_atomic
 from ..data import load_dataset
 from ..hparams import Hparams, field, hparams_hash
 from ..models import create_model
@@ -218,8 +219,7 @@ def run_pipeline(model_hp, data_hp, loft_hp, train_hp, det_hp, out_hp, ticket_hp
         row["total_bytes"] = row["pretrain_bytes"] + row["finetune_bytes"]
         if main:
             save_weights(model, os.path.join(tdir, "finetuned.safetensors"))
-            with open(result_path, "w") as f:
-                json.dump(row, f, indent=1)
+            write_json_atomic(result_path, row)  # its presence marks the ticket finished
         rows.append(row)
         if dist.is_initialized():
             dist.barrier()
@@ -232,8 +232,9 @@ def run_pipeline(model_hp, data_hp, loft_hp, train_hp, det_hp, out_hp, ticket_hp
         summary_path = os.path.join(run_dir, "summary.json")
         with open(summary_path) as f:
             summary = json.load(f)
-        summary["ticket_rows"] = rows
-        with open(summary_path, "w") as f:
-            json.dump(summary, f, indent=1)
+        merged = {r["dir"]: r for r in summary.get("ticket_rows", [])}  # tickets of earlier calls stay
+        merged.update({r["dir"]: r for r in rows})
+        summary["ticket_rows"] = list(merged.values())
+        write_json_atomic(summary_path, summary)
     say("\n" + format_table(rows))
     return {**pre, "ticket_rows": rows}

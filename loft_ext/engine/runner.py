@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from ..checkpoint import CheckpointError, CheckpointStore
+from ..checkpoint import CheckpointError, CheckpointStore, write_json_atomic
 from ..data import DATA_ORDERS, DATASETS, BatchStream, DataError, load_dataset
 from ..hparams import Hparams, field, hparams_hash
 from ..models import create_model
@@ -657,8 +657,7 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
                "wall_s": time.time() - t_start}
     if main:
         save_weights(final, os.path.join(run_dir, "model.safetensors"))
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+        write_json_atomic(os.path.join(run_dir, "summary.json"), summary)  # its presence marks the run finished
     engine.release()
     logger.close()
     if grid is not None:
