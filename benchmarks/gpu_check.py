@@ -436,23 +436,6 @@ def _fp32_exact(torch, on: bool):
         torch.backends.cudnn.conv.fp32_precision = "ieee" if on else "tf32"
 
 
-def _covered(torch, plan, part, name, shape):
-    """Entries of tensor ``name`` some worker holds this round (tests/test_subnet.py's helper)."""
-    mask = torch.zeros(shape, dtype=torch.bool)
-    for s in range(plan.workers):
-        sel = torch.ones(shape, dtype=torch.bool)
-        for dim, gi in plan.tensor_dims[name]:
-            g = plan.split[gi]
-            idx = part.index(plan, gi, s, shape[dim] // g.units)
-            m = torch.zeros(shape[dim], dtype=torch.bool)
-            m[idx] = True
-            view = [1] * len(shape)
-            view[dim] = shape[dim]
-            sel = sel & m.view(view)
-        mask |= sel
-    return mask
-
-
 # ---------------------------------------------------------------------------------------------- sections
 def sec_env(ctx: Ctx) -> dict:
     import importlib.metadata as md
@@ -501,7 +484,7 @@ def sec_identity(ctx: Ctx) -> dict:
 
     from loft_ext.models import create_model
     from loft_ext.partition.plan import make_plan
-    from loft_ext.partition.subnet import Slicer, build_subnet, draw_partition, tensors_of
+    from loft_ext.partition.subnet import Slicer, build_subnet, covered_mask, draw_partition, tensors_of
 
     torch = ctx.torch
     torch.manual_seed(0)
@@ -527,7 +510,7 @@ def sec_identity(ctx: Ctx) -> dict:
         blank_bad = []
         for k in plan.tensor_dims:
             v = tensors_of(full)[k]
-            covered = _covered(torch, plan, part, k, tuple(v.shape)).to(v.device)
+            covered = covered_mask(plan, part, k, tuple(v.shape)).to(v.device)
             ok = torch.equal(~torch.isnan(v), covered) and torch.equal(v[covered], original[k][covered])
             if len(plan.tensor_dims[k]) == 1:
                 ok = ok and bool(covered.all())

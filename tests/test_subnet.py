@@ -7,24 +7,7 @@ import torch.nn as nn
 
 from conftest import FAMILIES
 from loft_ext.partition.plan import make_plan, units_per_worker
-from loft_ext.partition.subnet import Slicer, build_subnet, draw_partition, tensors_of
-
-
-def _covered(plan, part, name, shape):
-    """Boolean mask of the entries of tensor ``name`` that some worker holds in this round."""
-    mask = torch.zeros(shape, dtype=torch.bool)
-    for s in range(plan.workers):
-        sel = torch.ones(shape, dtype=torch.bool)
-        for dim, gi in plan.tensor_dims[name]:
-            g = plan.split[gi]
-            idx = part.index(plan, gi, s, shape[dim] // g.units)
-            m = torch.zeros(shape[dim], dtype=torch.bool)
-            m[idx] = True
-            view = [1] * len(shape)
-            view[dim] = shape[dim]
-            sel = sel & m.view(view)
-        mask |= sel
-    return mask
+from loft_ext.partition.subnet import Slicer, build_subnet, covered_mask, draw_partition, tensors_of
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -52,7 +35,7 @@ def test_slice_then_write_back_is_the_identity(model_cache, name, workers):
         sl.write_back(part)
     for k in plan.tensor_dims:
         v = tensors_of(full)[k]
-        covered = _covered(plan, part, k, v.shape)
+        covered = covered_mask(plan, part, k, v.shape)
         assert torch.equal(~torch.isnan(v), covered), k
         assert torch.equal(v[covered], original[k][covered]), k
         if len(plan.tensor_dims[k]) == 1:
@@ -108,7 +91,7 @@ def test_partial_sums_add_up_to_the_full_consumer_output(model_cache, name, bloc
         wname = f"{block}.{cross}.weight"
         w = tensors_of(full)[wname]
         with torch.no_grad():
-            w.mul_(_covered(plan, part, wname, w.shape))
+            w.mul_(covered_mask(plan, part, wname, w.shape))
     blk = full.get_submodule(block)
     in_ch = next(m for m in blk.modules() if isinstance(m, nn.Conv2d)).in_channels
     x = torch.randn(2, in_ch, 8, 8)

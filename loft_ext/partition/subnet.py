@@ -56,6 +56,22 @@ def slice_indices(plan: PartitionPlan, part: Partition, name: str, shape, worker
     return out
 
 
+def covered_mask(plan: PartitionPlan, part: Partition, name: str, shape) -> torch.Tensor:
+    """Entries of tensor ``name`` (full ``shape``) that some worker holds in ``part``: all of a tensor
+    split along one dim, the diagonal blocks of one split along two (what a write-back restores)."""
+    mask = torch.zeros(shape, dtype=torch.bool)
+    for worker in range(plan.workers):
+        held = torch.ones(shape, dtype=torch.bool)
+        for dim, idx in slice_indices(plan, part, name, shape, worker):
+            along = torch.zeros(shape[dim], dtype=torch.bool)
+            along[idx] = True
+            view = [1] * len(shape)
+            view[dim] = shape[dim]
+            held &= along.view(view)
+        mask |= held
+    return mask
+
+
 def read_slice(full: torch.Tensor, idx: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
     out = full
     for dim, ix in idx:
