@@ -8,8 +8,7 @@ import torch.nn.functional as F
 from loft_ext.data import BatchStream, load_digits_dataset
 from loft_ext.engine.loft import LoFTEngine
 from loft_ext.partition.plan import make_plan
-from loft_ext.partition.subnet import tensors_of
-from test_subnet import _covered
+from loft_ext.partition.subnet import covered_mask, tensors_of
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +85,7 @@ def test_one_round_writes_each_slice_back_and_averages_shared(model_cache, digit
                 got = got.index_select(dim, ix)
             assert torch.equal(got, trained[w.index][k]), k
         covered = owner >= 0
-        assert torch.equal(covered, _covered(plan, part, k, after[k].shape))
+        assert torch.equal(covered, covered_mask(plan, part, k, after[k].shape))
         assert torch.equal(after[k][~covered], before[k][~covered]), f"{k}: untrained block changed"
         if k.endswith("weight") and after[k].dim() == 4:
             rows = (after[k] != before[k]).flatten(1).any(1)
