@@ -1,4 +1,5 @@
-"""The analytic communication count against hand formulas (the measured count is checked on gloo)."""
+"""The analytic communication count against hand formulas (the measured count is checked on gloo), and
+the flat buffers the sync packs into."""
 import pytest
 
 from loft_ext.parallel import analytic
@@ -35,3 +36,21 @@ def test_world_size_must_be_a_multiple_of_s():
     assert check_world(6, 3) == 2
     with pytest.raises(GridError, match="world size 4 is not a multiple of S=3.*launch 3, 6, 9"):
         check_world(4, 3)
+
+
+def test_pack_reuses_a_dirty_buffer_and_zeroes_the_padding():
+    """Sync buffers are kept between rounds: packing into last round's buffer must leave no stale values."""
+    import torch
+
+    from loft_ext.parallel.sync import _Buffers, _pack, _unpack
+    buffers = _Buffers()
+    a, b = torch.arange(6.0).view(2, 3), torch.full((4,), 7.0)
+    first = buffers.get("send", 12, a)
+    first.fill_(float("nan"))
+    flat = _pack([a, b], 12, out=buffers.get("send", 12, a))
+    assert flat.data_ptr() == first.data_ptr()  # the same memory, reused
+    assert torch.equal(flat, torch.cat([a.reshape(-1), b, torch.zeros(2)]))
+    back = _unpack(flat, [(2, 3), (4,)])
+    assert torch.equal(back[0], a) and torch.equal(back[1], b)
+    assert buffers.get("send", 20, a).numel() == 20  # grows when a round needs more
+    assert torch.equal(_pack([a]), a.reshape(-1))  # no length, no buffer: a fresh tensor
