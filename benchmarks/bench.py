@@ -41,9 +41,11 @@ MIB = 2.0 ** 20
 BENCHMARKS = {
     "communication": {"full": [], "smoke": ["--models", "resnet18", "--ranks", "2", "--local_steps", "2",
                                             "--rounds", "1"]},
-    "step_time": {"full": ["--steps", "20"], "smoke": ["--steps", "2", "--warmup", "1", "--batch", "32"]},
+    "step_time": {"full": ["--steps", "20", "--profile", "5"],
+                  "smoke": ["--steps", "2", "--warmup", "1", "--batch", "32", "--profile", "1"]},
     "memory": {"full": [], "smoke": ["--models", "resnet18", "--batch", "32"]},
-    "sync_time": {"full": [], "smoke": ["--rounds", "1", "--warmup", "0", "--local_steps", "2", "--batch", "16"]},
+    "sync_time": {"full": [], "smoke": ["--rounds", "1", "--warmup", "0", "--local_steps", "2", "--batch", "16",
+                                        "--profile"]},
 }
 # benchmarks whose JSON has a --runs_dir for per-rank records
 WITH_RUNS_DIR = ("communication", "sync_time")

@@ -40,7 +40,7 @@ def launch(args: argparse.Namespace) -> dict[str, list[dict]]:
            str(args.nproc), os.path.join(HERE, "sync_worker.py"), "--model", args.model, "--strategies",
            *args.strategies, "--local_steps", str(args.local_steps), "--rounds", str(args.rounds), "--warmup",
            str(args.warmup), "--batch", str(args.batch), "--size", str(args.size), "--preset", args.preset,
-           "--out", prefix]
+           "--out", prefix] + (["--profile"] if args.profile else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     if proc.returncode != 0:
@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--preset", default="all")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile the measured syncs and print rank 0's slowest ops (the profiler slows them)")
     ap.add_argument("--output", default=os.path.join(HERE, "results", "sync_time.json"))
     ap.add_argument("--runs_dir", help="where the ranks' records go (default: the folder of --output)")
     args = ap.parse_args()
@@ -88,6 +90,13 @@ def main() -> None:
         m = r["median_seconds"]
         print(f"{s:9} {m['compute']:9.3f} {m['sync']:8.4f} {m['wait']:8.4f} {m['load']:8.4f} "
               f"{r['sync_bytes_sent_per_round'] / 2 ** 20:8.2f} {r['sync_over_compute']:12.2%}")
+    if args.profile:
+        for s, r in results.items():
+            ops = r["ranks"][0]["profile_ms_per_sync"]
+            print(f"\n{s}: rank 0's self CPU time per sync under the profiler, slowest ops "
+                  f"(total {sum(ops.values()):.1f} ms)")
+            for op, ms in sorted(ops.items(), key=lambda kv: kv[1], reverse=True)[:10]:
+                print(f"  {op:40} {ms:8.1f} ms")
     with open(args.output, "w") as f:
         json.dump({"strategies": results, "model": args.model, "nproc": args.nproc, "local_steps": args.local_steps,
                    "rounds": args.rounds, "warmup": args.warmup, "batch": args.batch, "size": args.size,

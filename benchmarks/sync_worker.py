@@ -5,10 +5,13 @@ For each sync strategy named, from a fresh model: a LoFT engine on the gloo grid
 steps on synthetic CIFAR-shaped batches, a barrier, ``engine.sync()``. Each phase is timed with
 ``time.perf_counter``; the barrier is timed apart (it is the wait for the slower rank, not sync work).
 Writes the per-round times and the bytes ``Comm`` counted, per rank and strategy, to ``--out``.
+With ``--profile`` the measured rounds' syncs also run under ``torch.profiler``: self CPU time per op
+per sync goes into the record too (where a sync's local work goes, beside the collectives).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -41,6 +44,7 @@ def time_rounds(strategy: str, args: argparse.Namespace, rank: int, world: int) 
                 torch.randint(0, 10, (args.batch,), generator=g)) for _ in range(args.local_steps)]
     worker = engine.workers[0]
     rounds = []
+    ops: dict[str, float] = {}
     for r in range(args.warmup + args.rounds):
         t0 = time.perf_counter()
         engine.begin_round(r)
@@ -51,15 +55,21 @@ def time_rounds(strategy: str, args: argparse.Namespace, rank: int, world: int) 
         dist.barrier()
         t3 = time.perf_counter()
         sent_before = comm.totals().get("sync", {}).get("bytes_sent", 0.0)
-        engine.sync()
+        profiled = args.profile and r >= args.warmup
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if profiled \
+                else contextlib.nullcontext() as prof:
+            engine.sync()
         t4 = time.perf_counter()
+        if profiled:
+            for ev in prof.key_averages():
+                ops[ev.key] = ops.get(ev.key, 0.0) + ev.self_cpu_time_total / 1e3 / args.rounds
         if r >= args.warmup:
             rounds.append({"round": r, "load": t1 - t0, "compute": t2 - t1, "wait": t3 - t2, "sync": t4 - t3,
                            "sync_bytes_sent": comm.totals()["sync"]["bytes_sent"] - sent_before})
     dist.barrier()
     return {"rank": rank, "world": world, "strategy": strategy, "model": args.model, "batch": args.batch,
             "local_steps": args.local_steps, "warmup": args.warmup, "threads": torch.get_num_threads(),
-            "rounds": rounds}
+            "rounds": rounds, "profile_ms_per_sync": ops if args.profile else None}
 
 
 def main() -> None:
@@ -72,6 +82,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--preset", default="all")
+    ap.add_argument("--profile", action="store_true", help="profile the measured syncs (self CPU time per op)")
     ap.add_argument("--out", required=True, help="file prefix; {strategy} is filled in")
     args = ap.parse_args()
     dist.init_process_group("gloo")

@@ -64,12 +64,21 @@ def test_sync_and_compute_times(smoke):
         assert r["sync_bytes_sent_per_round"] > 0
     assert (strategies["alltoall"]["sync_bytes_sent_per_round"]
             < strategies["allgather"]["sync_bytes_sent_per_round"])
+    collective = {"allgather": "c10d::_allgather_base_", "alltoall": "c10d::alltoall_base_"}
+    for name, r in strategies.items():  # --profile: every rank's ops of the sync, its collective among them
+        for rank in r["ranks"]:
+            ops = rank["profile_ms_per_sync"]
+            assert ops[collective[name]] > 0 and ops["c10d::allreduce_"] > 0, sorted(ops)
 
 
 def test_step_times(smoke):
     result = smoke["benchmarks"]["step_time"]["result"]
     assert set(result["median_seconds"]) == {"dense", "S=2", "S=4"}
     assert all(t > 0 for t in result["median_seconds"].values())
+    kinds = {k: v["ms_per_step_by_kind"] for k, v in result["profile"]["models"].items()}  # --profile 1
+    assert set(kinds) == {"dense", "S=2", "S=4"}
+    assert all(v["convolution"] > 0 and v["batch norm"] > 0 for v in kinds.values())
+    assert kinds["S=4"]["convolution"] < kinds["dense"]["convolution"]
 
 
 def test_combined_table_and_provenance(smoke):
