@@ -9,12 +9,23 @@ pretrain / prune / finetune, the step is the round index. Mode: ``WANDB_MODE`` w
 it, otherwise offline (runs land in ``<run_dir>/wandb`` and upload later with ``wandb sync``). Online
 mode without credentials is refused before anything starts, so nothing ever prompts or waits on the
 network.
+
+A resumed pretraining continues its W&B run: the run id is kept in ``<run_dir>/wandb_run_id.txt`` and
+reused with ``resume="allow"``. Online, the run goes on; offline, each segment is its own
+``offline-run-*`` folder with the same id, and ``wandb sync`` uploads them into one run in the order
+they started. Rounds logged after the checkpoint by the interrupted segment come again, with the same
+values (resume is exact), from the resumed one.
 """
 from __future__ import annotations
 
 import json
 import netrc
 import os
+import secrets
+import string
+
+
+WANDB_ID_FILE = "wandb_run_id.txt"
 
 
 class TrackingError(ValueError):
@@ -40,6 +51,22 @@ def resolve_wandb_mode(requested: str = "") -> str:
             raise TrackingError("W&B online mode needs credentials: set WANDB_API_KEY (or run `wandb login`), "
                                 "or use --wandb_mode offline and `wandb sync` later")
     return mode
+
+
+def wandb_run_id(run_dir: str, resume: bool) -> tuple[str, bool]:
+    """(id, continued): the id stored in ``run_dir`` when resuming and one was stored, else a new one
+    (stored for a later resume). Main process only."""
+    path = os.path.join(run_dir, WANDB_ID_FILE)
+    if resume and os.path.exists(path):
+        with open(path) as f:
+            stored = f.read().strip()
+        if stored:
+            return stored, True
+    run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # W&B's id form
+    with open(path + ".tmp", "w") as f:
+        f.write(run_id + "\n")
+    os.replace(path + ".tmp", path)
+    return run_id, False
 
 
 def _flatten(values: dict) -> dict:

@@ -3,6 +3,7 @@
 Resumed runs are compared with uninterrupted ones byte for byte: the final model file, every line of
 metrics.jsonl and rounds.jsonl, and summary.json except its wall time.
 """
+import glob
 import json
 import os
 import shutil
@@ -137,6 +138,34 @@ def test_resume_from_the_epoch_end_checkpoint_is_bit_identical(tmp_path, uninter
         (run_dir / name).unlink()
     assert main([*RUN, "--optimizer_state", "carry", "--output_dir", str(tmp_path), "--resume", "latest"]) == 0
     _same_run(tmp_path, uninterrupted)
+
+
+@pytest.mark.slow
+def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
+    """Offline W&B: the resumed segment reuses the run id (one run after `wandb sync`) and logs the
+    rounds after the checkpoint; the interrupted segment's rounds up to the checkpoint stay its own."""
+    from wandb_offline import records
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    args = [*RUN, "--rounds", "6", "--checkpoint_every", "2", "--output_dir", str(tmp_path)]
+    assert main(args) == 0
+    run_dir = _run_dir(tmp_path)
+    run_id = (run_dir / "wandb_run_id.txt").read_text().strip()
+    # as if the process died in round 5 (the last checkpoint is round 4; a finished run saves no other)
+    assert CheckpointStore(str(run_dir / "checkpoints")).complete()[-1] == "round_000004"
+    for name in ("summary.json", "model.safetensors"):
+        (run_dir / name).unlink()
+    assert main([*args, "--resume", "latest"]) == 0
+    segments = sorted(glob.glob(str(run_dir / "wandb" / "offline-run-*")))
+    assert len(segments) == 2 and all(seg.endswith("-" + run_id) for seg in segments)
+    steps = []
+    for seg in segments:
+        (wandb_file,) = glob.glob(os.path.join(seg, "run-*.wandb"))
+        runs = [r.run.run_id for r in records(wandb_file) if r.WhichOneof("record_type") == "run"]
+        assert runs and set(runs) == {run_id}
+        steps.append(sorted({r.history.step.num for r in records(wandb_file)
+                             if r.WhichOneof("record_type") == "history"}))
+    assert steps[0][:6] == [1, 2, 3, 4, 5, 6]
+    assert steps[1][:2] == [5, 6] and min(steps[1]) == 5
 
 
 def test_non_finite_values_stop_the_run_naming_worker_round_and_layer(tmp_path, capsys):

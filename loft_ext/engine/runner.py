@@ -37,7 +37,7 @@ from ..plugins.earlybird import EarlyBird
 from ..plugins.guard import NonFiniteGuard
 from ..plugins.preemption import Preemption
 from ..plugins.progress import Progress
-from ..tracking import RunLogger, TrackingError, resolve_wandb_mode
+from ..tracking import RunLogger, TrackingError, resolve_wandb_mode, wandb_run_id
 from . import checkpointing
 from .checkpointing import CHECKPOINT_DIR, Checkpointer
 from .loft import OPTIMIZER_STATE_MODES, LoFTEngine
@@ -322,13 +322,16 @@ class DebugHashes(Plugin):
 
 
 def start_tracker(accelerator, out_hp: OutputHparams, mode: str, config: dict, default_group: str,
-                  job_type: str, name: str, run_dir: str) -> None:
-    """A W&B run through Accelerate (main process only): one group per experiment, one job per stage."""
+                  job_type: str, name: str, run_dir: str, run_id: str | None = None) -> None:
+    """A W&B run through Accelerate (main process only): one group per experiment, one job per stage.
+    ``run_id`` names the W&B run (continued if it exists: a resumed pretraining)."""
     accelerator.trackers = []  # a finished stage's tracker must not receive the next stage's logs
+    init = {"group": out_hp.wandb_group or default_group, "job_type": job_type, "name": name, "dir": run_dir,
+            "mode": mode, "reinit": "finish_previous"}
+    if run_id is not None:
+        init.update(id=run_id, resume="allow")
     accelerator.init_trackers(out_hp.wandb_project, config=json.loads(json.dumps(config, default=list)),
-                              init_kwargs={"wandb": {"group": out_hp.wandb_group or default_group,
-                                                     "job_type": job_type, "name": name, "dir": run_dir,
-                                                     "mode": mode, "reinit": "finish_previous"}})
+                              init_kwargs={"wandb": init})
 
 
 def tracker_mode(out_hp: OutputHparams) -> str:
@@ -594,8 +597,14 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
             f.write(plan.to_json())
     wandb = wandb_mode != "disabled"
     if wandb:
+        run_id = None
+        if main:
+            run_id, continued = wandb_run_id(run_dir, resume=resume_from is not None)
+            if continued:
+                say(f"W&B: continuing run {run_id} (offline segments: `wandb sync {run_dir}/wandb/offline-run-*`)",
+                    flush=True)
         start_tracker(accelerator, out_hp, wandb_mode, config, f"{model_hp.model}-{data.name}", "pretrain",
-                      name, run_dir)
+                      name, run_dir, run_id)
     logger = RunLogger(run_dir if main else None, accelerator, wandb=wandb)
     rank = grid.rank if grid else 0
     plugins = _plugins(det_hp, out_hp, main, print_fn, run_dir, rank)
