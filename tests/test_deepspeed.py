@@ -104,14 +104,20 @@ def plain(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["zero0_fp32_cpu.json", "zero1_fp32_cpu.json"])
 def test_deepspeed_loft_equals_plain_torch_loft(tmp_path, plain, config):
+    # ZeRO-1 also runs the whole pipeline: one ticket, fine-tuned (under DDP) in the deepspeed launch
+    ticket = ["--ratios", "0.5", "--finetune_epochs", "1"] if config.startswith("zero1") else []
     proc, run_dir = _launch([os.path.join(BIN, "deepspeed"), "--num_gpus", "2"], tmp_path,
-                            ["--deepspeed", "--deepspeed_config", os.path.join(ROOT, "ds_configs", config)])
+                            ["--deepspeed", "--deepspeed_config", os.path.join(ROOT, "ds_configs", config), *ticket])
     assert "2 processes = S=2 x D=1 (allgather, gloo, DeepSpeed)" in proc.stdout
     for rank in (0, 1):
         assert [x["assembled"] for x in _lines(run_dir, rank, "assembled")] == plain  # bit for bit
         checks = _lines(run_dir, rank, "master_matches")
         assert len(checks) == 3 and all(c["master_matches"] for c in checks)
         assert all(c["master_copy"] == config.startswith("zero1") for c in checks)
+    if ticket:
+        (row,) = json.loads((run_dir / "summary.json").read_text())["ticket_rows"]
+        assert row["ratio"] == 0.5 and row["kept_params"] < row["params"] and 0 < row["test_acc"] <= 1
+        assert len(list((run_dir / "tickets").glob("*/finetuned.safetensors"))) == 1
 
 
 @pytest.mark.slow
