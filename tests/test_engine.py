@@ -20,12 +20,16 @@ def _sgd(lr=0.05, momentum=0.0, wd=5e-4):
     return lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=wd)
 
 
-@pytest.mark.parametrize("momentum,optimizer_state", [(0.0, "reset"), (0.9, "carry")])
-def test_single_worker_loft_equals_plain_training(model_cache, digits, momentum, optimizer_state):
+@pytest.mark.parametrize("momentum,optimizer_state,channels_last",
+                         [(0.0, "reset", False), (0.9, "carry", False), (0.9, "carry", True)])
+def test_single_worker_loft_equals_plain_training(model_cache, digits, momentum, optimizer_state, channels_last):
     name = "resnet18"
     base = model_cache(name, num_classes=10, in_chans=1)
     plain, full = copy.deepcopy(base), copy.deepcopy(base)
     rounds, local_steps = 3, 4
+    fmt = torch.channels_last if channels_last else torch.contiguous_format  # --channels_last
+    plain.to(memory_format=fmt)
+    full.to(memory_format=fmt)
 
     # plain training of the full model: the oracle
     opt = _sgd(momentum=momentum)(plain.parameters())
@@ -33,13 +37,16 @@ def test_single_worker_loft_equals_plain_training(model_cache, digits, momentum,
     plain.train()
     for _ in range(rounds * local_steps):
         x, y = stream.next()
-        loss = F.cross_entropy(plain(x), y)
+        loss = F.cross_entropy(plain(x.contiguous(memory_format=fmt)), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
     plan = make_plan(full, 1, "all", input_shape=(1, 1, 32, 32), model_name=name)
     engine = LoFTEngine(full, plan, _sgd(momentum=momentum), seed=1, optimizer_state=optimizer_state)
+    engine.workers[0].memory_format = fmt
+    convs = [t for t in tensors_of(engine.workers[0].model).values() if t.dim() == 4 and t.shape[-1] > 1]
+    assert all(t.is_contiguous(memory_format=fmt) for t in convs)  # the sub-network keeps the layout
     stream = BatchStream(digits.train, 32, 0, 1, "own-shuffle", seed=1)
     for r in range(rounds):
         engine.begin_round(r)

@@ -49,6 +49,28 @@ def test_slice_then_write_back_is_the_identity(model_cache, name, workers):
     assert sum(p.numel() for p in subs[-1].parameters()) < sum(p.numel() for p in full.parameters())
 
 
+@pytest.mark.parametrize("name", ["resnet50", "efficientnet_b0"])
+def test_channels_last_sub_networks_keep_the_layout_and_slicing_stays_exact(model_cache, name):
+    """--channels_last: narrowed conv weights are channels_last too; slice -> write back is still the identity."""
+    full = copy.deepcopy(model_cache(name)).to(memory_format=torch.channels_last)
+    plan = make_plan(full, 3, "all", model_name=name)
+    original = {k: v.clone() for k, v in tensors_of(full).items()}
+    part = draw_partition(plan, seed=3, round_index=5)
+    subs = [build_subnet(full, plan, s) for s in range(3)]
+    for s, sub in enumerate(subs):
+        Slicer(plan, full, sub, s).load(part)
+        for k, t in tensors_of(sub).items():
+            if t.dim() == 4:
+                assert t.is_contiguous(memory_format=torch.channels_last), k
+    for s, sub in enumerate(subs):
+        Slicer(plan, full, sub, s).write_back(part)
+    for k, v in tensors_of(full).items():
+        assert torch.equal(v, original[k]), k
+    with torch.no_grad():
+        out = subs[0].eval()(torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+
+
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "efficientnet_b0", "regnetx_002"])
 def test_single_worker_subnet_is_the_full_model(model_cache, name):
     full = model_cache(name).eval()

@@ -36,8 +36,10 @@ class Worker:
         self.ds_engine = None          # a DeepSpeedEngine over self.model (loft_ext.parallel.ds)
         self.clip_norm = 0.0           # per-worker gradient clipping under DeepSpeed (--ds_clip separate)
         self.after_load: Callable[[], None] | None = None  # e.g. push values into DeepSpeed's master copy
+        self.memory_format = torch.contiguous_format  # of the input batches (channels_last: --channels_last)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, loss_fn=nn.functional.cross_entropy) -> float:
+        x = x.contiguous(memory_format=self.memory_format)
         if self.ds_engine is not None:
             return self._deepspeed_step(x, y, loss_fn)
         self.model.train()

@@ -159,6 +159,9 @@ class OutputHparams(Hparams):
     force: bool = field(False, "retrain a run that already finished, or restart an unfinished one that has "
                         "checkpoints (the old directory is kept, renamed)")
     mixed_precision: str = field("no", "autocast for the workers' forward passes (bf16 on GPU)", ("no", "bf16"))
+    channels_last: bool = field(False, "channels_last memory format for conv weights and input batches, in "
+                                "pretraining and fine-tuning (timm's --channels-last: faster convolutions with "
+                                "bf16 on recent GPUs)")
     cpu: bool = field(False, "run on CPU even when GPUs are present (gloo instead of NCCL)")
     tracker: str = field("wandb", "experiment tracker through Accelerate: wandb or none (files in the run "
                          "directory are always written)", ("wandb", "none"))
@@ -491,6 +494,9 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
             ds_cfg = ds.load_ds_config(ds_hp.deepspeed_config, data_hp.batch_size, replicas if world > 1 else None)
         except DeepSpeedConfigError as exc:
             raise ConfigError(str(exc)) from None
+        if out_hp.channels_last:  # DeepSpeed broadcasts each parameter as a byte view (needs stride(-1) == 1)
+            raise ConfigError("--channels_last does not work with --deepspeed: DeepSpeed views every parameter "
+                              "as bytes to broadcast it, which needs the default layout; drop --channels_last")
         if world == 1:
             raise ConfigError("--deepspeed needs one process per worker: launch with "
                               f"`deepspeed --num_gpus {workers} recipes/loft_timm.py --deepspeed ...`")
@@ -552,7 +558,8 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
 
     t_start = time.time()
     device = accelerator.device
-    model.to(device)
+    memory_format = torch.channels_last if out_hp.channels_last else torch.contiguous_format
+    model.to(device, memory_format=memory_format)  # sub-networks keep each tensor's layout (narrow_model)
     full_params = sum(p.numel() for p in model.parameters())  # before alltoall frees the split tensors
     fractions = " ".join(f"{plan.worker_numel(model, s) / full_params:.3f}" for s in range(plan.workers))
     elem = next(model.parameters()).element_size()
@@ -565,6 +572,7 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
                         grid=grid, strategy=loft_hp.sync, start_round=start_round)
     for w in engine.workers:
         w.autocast = accelerator.autocast
+        w.memory_format = memory_format
         if ds_cfg is not None:
             w.ds_engine, _, w.clip_norm = ds.initialize(w.model, w.optimizer, ds_cfg, LoftMPU(grid), ds_hp.ds_clip)
             w.grad_sync = None  # DeepSpeed all-reduces gradients over the mpu's data group
@@ -585,7 +593,7 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
     say(f"{model_hp.model} on {data.name} ({loft_hp.method}): {full_params / 1e6:.2f}M params; "
         f"{len(plan.split)} split groups ({model_hp.preset}); per-worker parameter fraction {fractions}; "
         f"S={workers} L={loft_hp.local_steps} rounds={rounds} ({rounds_per_epoch}/epoch); {where}; "
-        f"run dir {run_dir}", flush=True)
+        f"{'channels_last; ' if out_hp.channels_last else ''}run dir {run_dir}", flush=True)
     if resume_from is not None:
         say(f"resuming from {resume_from} (after round {start_round} of {rounds})", flush=True)
     elif ckpt_hp.resume:

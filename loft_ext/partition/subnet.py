@@ -93,6 +93,13 @@ def write_slice(full: torch.Tensor, sub: torch.Tensor, idx: list[tuple[int, torc
     full.index_copy_(dim, ix, sub)
 
 
+def memory_format_of(t: torch.Tensor) -> torch.memory_format:
+    """channels_last for a 4-d tensor laid out that way (``--channels_last``), else contiguous."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def tensors_of(model: nn.Module) -> dict[str, torch.Tensor]:
     """Parameters and buffers by state_dict name (the live tensors, not copies)."""
     out = dict(model.named_parameters())
@@ -121,7 +128,8 @@ def narrow_model(full: nn.Module, plan: PartitionPlan, units: list[int]) -> nn.M
     for name, t in tensors_of(full).items():
         if name in plan.tensor_dims:
             shape = plan.narrow_shape(name, tuple(t.shape), units)
-            set_tensor(sub, name, torch.zeros(shape, dtype=t.dtype, device=t.device))
+            narrow = torch.zeros(shape, dtype=t.dtype, device=t.device)
+            set_tensor(sub, name, narrow.contiguous(memory_format=memory_format_of(t)))
     grouped = {}
     for gi, g in enumerate(plan.split):
         for conv, groups in g.grouped_convs.items():

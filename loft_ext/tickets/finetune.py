@@ -30,10 +30,10 @@ def make_optimizer(name: str, params, lr: float, momentum: float, weight_decay: 
 def finetune(model: nn.Module, masks: dict[str, torch.Tensor], train_set, test_set, accelerator, *,
              epochs: int, lr: float, batch_size: int, optimizer: str = "sgd", momentum: float = 0.9,
              weight_decay: float = 5e-4, seed: int = 0, eval_batch_size: int = 256,
-             log=None) -> dict:
+             memory_format: torch.memory_format = torch.contiguous_format, log=None) -> dict:
     """Cosine-annealed fine-tuning for ``epochs``; returns the final test metrics and the wall time."""
     t0 = time.time()
-    model.to(accelerator.device)
+    model.to(accelerator.device, memory_format=memory_format)
     enforcer = MaskEnforcer(model, masks)
     enforcer.apply()
     enforcer.hook_gradients()
@@ -51,7 +51,7 @@ def finetune(model: nn.Module, masks: dict[str, torch.Tensor], train_set, test_s
             for group in opt.param_groups:
                 group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
             with accelerator.autocast():
-                loss = F.cross_entropy(wrapped(x), y)
+                loss = F.cross_entropy(wrapped(x.contiguous(memory_format=memory_format)), y)
             opt.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             opt.step()
