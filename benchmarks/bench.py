@@ -103,15 +103,16 @@ def communication_rows(result: dict) -> list[dict]:
 
 
 def step_time_rows(result: dict) -> list[dict]:
-    case = f"{result['model']} batch {result['batch']}"
     rows = []
-    for key, ratio in result["ratio_to_dense"].items():
-        if key == "dense":
-            continue
-        target = ("<=", 0.40, "<= 0.40") if result["model"] == "resnet18" and key == "S=4" else None
-        seconds = result["median_seconds"]
-        rows.append(_row("step time", f"{case} {key}", "step time sub / dense (median)", ratio,
-                         f"{ratio:.3f} ({seconds[key]:.3f} s / {seconds['dense']:.3f} s)", target))
+    for layout, r in result["layouts"].items():
+        case = f"{result['model']} batch {result['batch']} {layout}"
+        seconds = r["median_seconds"]
+        for key, ratio in r["ratio_to_dense"].items():
+            if key == "dense":
+                continue
+            target = ("<=", 0.40, "<= 0.40") if result["model"] == "resnet18" and key == "S=4" else None
+            rows.append(_row("step time", f"{case} {key}", "step time sub / dense (median)", ratio,
+                             f"{ratio:.3f} ({seconds[key]:.3f} s / {seconds['dense']:.3f} s)", target))
     return rows
 
 

@@ -1,9 +1,11 @@
 """Step time of one worker: the dense model vs the LoFT sub-networks at S=2 and S=4.
 
 One process, the models interleaved step by step (so machine noise hits all of them alike), median of
-``--steps`` training steps (forward, backward, SGD step) each after ``--warmup`` steps. Prints the
-ratio sub-network / dense. Absolute times are only meaningful on the machine that ran them; report
-ratios from CPU machines and absolute times from a GPU.
+``--steps`` training steps (forward, backward, SGD step) each after ``--warmup`` steps. Every model is
+measured in both memory formats (``--layouts``: the default contiguous one and channels_last, the
+recipe's ``--channels_last``), also interleaved. Prints the ratio sub-network / dense per layout and
+channels_last / contiguous per model. Absolute times are only meaningful on the machine that ran
+them; report ratios from CPU machines and absolute times from a GPU.
 
     python benchmarks/step_time.py [--model resnet18] [--batch 128] [--steps 20]
 
@@ -16,6 +18,7 @@ optimizer, ...), dense vs each sub-network, so a ratio that misses its target ca
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -33,6 +36,7 @@ from loft_ext.partition.plan import make_plan  # noqa: E402
 from loft_ext.partition.subnet import build_subnet  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
 def main() -> None:
@@ -43,6 +47,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--layouts", nargs="+", choices=tuple(LAYOUTS), default=list(LAYOUTS),
+                    help="memory formats measured, side by side (the recipe's default and --channels_last)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="after timing, profile N steps of each model and print time per kind of work")
     ap.add_argument("--output", default=os.path.join(HERE, "results", "step_time.json"))
@@ -51,42 +57,60 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     full = create_model(args.model, num_classes=10, in_chans=3)
-    models = {"dense": full}
+    nets = {"dense": full}
     for s in (2, 4):
-        models[f"S={s}"] = build_subnet(full, make_plan(full, s, args.preset, (1, 3, args.size, args.size)), 0)
-    opts = {k: torch.optim.SGD(m.to(device).parameters(), lr=0.01, momentum=0.9) for k, m in models.items()}
-    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+        nets[f"S={s}"] = build_subnet(full, make_plan(full, s, args.preset, (1, 3, args.size, args.size)), 0)
+    x0 = torch.randn(args.batch, 3, args.size, args.size, device=device)
     y = torch.randint(0, 10, (args.batch,), device=device)
-    def step(k):
-        loss = F.cross_entropy(models[k](x), y)
-        opts[k].zero_grad(set_to_none=True)
-        loss.backward()
-        opts[k].step()
+    # every (layout, model) pair is its own copy; all are stepped in turn, so noise hits them alike
+    models, opts, inputs = {}, {}, {}
+    for layout in args.layouts:
+        for name, net in nets.items():
+            key = (layout, name)
+            models[key] = copy.deepcopy(net).to(device, memory_format=LAYOUTS[layout])
+            opts[key] = torch.optim.SGD(models[key].parameters(), lr=0.01, momentum=0.9)
+        inputs[layout] = x0.contiguous(memory_format=LAYOUTS[layout])
 
-    times = {k: [] for k in models}
+    def step(key):
+        loss = F.cross_entropy(models[key](inputs[key[0]]), y)
+        opts[key].zero_grad(set_to_none=True)
+        loss.backward()
+        opts[key].step()
+
+    times = {key: [] for key in models}
     for i in range(args.warmup + args.steps):
-        for k in models:
+        for key in models:
             if device == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            step(k)
+            step(key)
             if device == "cuda":
                 torch.cuda.synchronize()
             if i >= args.warmup:
-                times[k].append(time.perf_counter() - t0)
-    dense = statistics.median(times["dense"])
+                times[key].append(time.perf_counter() - t0)
     print(f"{args.model} ({args.preset}), batch {args.batch} at {args.size}px on {device}, "
           f"{torch.get_num_threads()} threads, median of {args.steps} interleaved steps")
-    medians = {k: statistics.median(t) for k, t in times.items()}
-    for k, t in medians.items():
-        print(f"  {k:6} step time ratio to dense {t / dense:.3f}")
-    profile = profile_steps(step, list(models), args.profile, device) if args.profile else None
+    results = {}
+    for layout in args.layouts:
+        medians = {name: statistics.median(times[(layout, name)]) for name in nets}
+        dense = medians["dense"]
+        print(f"  {layout}:")
+        for name, t in medians.items():
+            print(f"    {name:6} {t:.4f} s, ratio to dense {t / dense:.3f}")
+        results[layout] = {"median_seconds": medians, "ratio_to_dense": {k: t / dense for k, t in medians.items()},
+                           "step_seconds": {name: times[(layout, name)] for name in nets}}
+    if len(args.layouts) == 2:
+        print("  channels_last / contiguous, same model: " + ", ".join(
+            f"{name} {results['channels_last']['median_seconds'][name] / results['contiguous']['median_seconds'][name]:.3f}"
+            for name in nets))
+    for layout in args.layouts if args.profile else ():
+        keys = [(layout, name) for name in nets]
+        results[layout]["profile"] = profile_steps(step, keys, list(nets), args.profile, device, layout)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
-        json.dump({"profile": profile, "model": args.model, "preset": args.preset, "batch": args.batch, "size": args.size,
-                   "device": device, "threads": torch.get_num_threads(), "steps": args.steps, "warmup": args.warmup,
-                   "median_seconds": medians, "ratio_to_dense": {k: t / dense for k, t in medians.items()},
-                   "step_seconds": times, "command": " ".join(sys.argv),
+        json.dump({"layouts": results, "model": args.model, "preset": args.preset, "batch": args.batch,
+                   "size": args.size, "device": device, "threads": torch.get_num_threads(), "steps": args.steps,
+                   "warmup": args.warmup, "command": " ".join(sys.argv),
                    "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                                "python": platform.python_version()}, "seconds": time.time() - t_start}, f, indent=1)
     print(f"raw numbers in {args.output}")
@@ -113,16 +137,17 @@ def kind_of(op: str) -> str:
     return "other"
 
 
-def profile_steps(step, names: list[str], n: int, device: str) -> dict:
-    """Self time per step by kind of work for every model (ms), from torch.profiler's op table."""
+def profile_steps(step, keys: list, names: list[str], n: int, device: str, title: str = "") -> dict:
+    """Self time per step by kind of work for every model (``keys`` for ``step``, shown as ``names``), in
+    ms, from torch.profiler's op table."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     kinds = {k: {} for k in names}
     ops = {k: {} for k in names}
     for _ in range(n):
-        for k in names:  # interleaved, one profiled step at a time, as the timing above
+        for key, k in zip(keys, names):  # interleaved, one profiled step at a time, as the timing above
             with profile(activities=activities) as prof:
-                step(k)
+                step(key)
                 if device == "cuda":
                     torch.cuda.synchronize()
             for ev in prof.key_averages():
@@ -135,7 +160,8 @@ def profile_steps(step, names: list[str], n: int, device: str) -> dict:
     seen = {kind for v in per_model.values() for kind in v["ms_per_step_by_kind"]}
     order = sorted(seen, key=lambda kind: base.get(kind, 0.0), reverse=True)
     total = {k: sum(v["ms_per_step_by_kind"].values()) for k, v in per_model.items()}
-    print(f"\nprofile: self {'CUDA' if device == 'cuda' else 'CPU'} time per step (ms), {n} steps per model")
+    print(f"\nprofile{' (' + title + ')' if title else ''}: self {'CUDA' if device == 'cuda' else 'CPU'} time per "
+          f"step (ms), {n} steps per model")
     print(f"  {'kind of work':22}" + "".join(f"{k:>10}{'ratio':>7}" for k in names))
     for kind in order:
         cells = [per_model[k]["ms_per_step_by_kind"].get(kind, 0.0) for k in names]

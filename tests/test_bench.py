@@ -73,12 +73,14 @@ def test_sync_and_compute_times(smoke):
 
 def test_step_times(smoke):
     result = smoke["benchmarks"]["step_time"]["result"]
-    assert set(result["median_seconds"]) == {"dense", "S=2", "S=4"}
-    assert all(t > 0 for t in result["median_seconds"].values())
-    kinds = {k: v["ms_per_step_by_kind"] for k, v in result["profile"]["models"].items()}  # --profile 1
-    assert set(kinds) == {"dense", "S=2", "S=4"}
-    assert all(v["convolution"] > 0 and v["batch norm"] > 0 for v in kinds.values())
-    assert kinds["S=4"]["convolution"] < kinds["dense"]["convolution"]
+    assert set(result["layouts"]) == {"contiguous", "channels_last"}
+    for layout in result["layouts"].values():
+        assert set(layout["median_seconds"]) == {"dense", "S=2", "S=4"}
+        assert all(t > 0 for t in layout["median_seconds"].values())
+        kinds = {k: v["ms_per_step_by_kind"] for k, v in layout["profile"]["models"].items()}  # --profile 1
+        assert set(kinds) == {"dense", "S=2", "S=4"}
+        assert all(v["convolution"] > 0 and v["batch norm"] > 0 for v in kinds.values())
+        assert kinds["S=4"]["convolution"] < kinds["dense"]["convolution"]
 
 
 def test_combined_table_and_provenance(smoke):
