@@ -9,7 +9,8 @@ Measures and checks, each section isolated so that a failure is recorded and the
 - ``s1_equals_sgd``: a LoFT run with S=1 equals plain SGD on CUDA in fp32 (TF32 off), momentum 0 with
   ``reset`` and 0.9 with ``carry``, with cuDNN's default algorithms and again under
   ``torch.use_deterministic_algorithms`` (tests/test_engine.py on CUDA; tolerance 1e-5 relative).
-- ``bf16_rounds``: LoFT rounds with S=2 under bf16 autocast keep every tensor finite and the loss falls on
+- ``bf16_rounds``: LoFT rounds with S=2 under bf16 autocast in channels_last (the recipe's ``--mixed_precision
+  bf16 --channels_last``) keep every tensor finite and the layout in the sub-networks, and the loss falls on
   a fixed synthetic batch set.
 - ``ds_<config>``: for ds_configs/zero0_fp32_cpu.json, zero1_fp32_cpu.json and zero1_bf16_gpu.json, one
   process (world size 1, NCCL), ``LoftMPU`` over ``build_grid(1)``, worker 0 of an S=2 plan wrapped by
@@ -635,8 +636,8 @@ def sec_bf16_rounds(ctx: Ctx) -> dict:
     torch.manual_seed(0)
     full = create_model("resnet18", num_classes=10)
     plan = make_plan(full, workers, "all", (1, 3, 32, 32), "resnet18")
-    full.to(ctx.device)
-    data = _synthetic(torch, ctx.device, n_batches, batch, seed=2)
+    full.to(ctx.device, memory_format=torch.channels_last)  # the recipe's --mixed_precision bf16 --channels_last
+    data = _synthetic(torch, ctx.device, n_batches, batch, seed=2, channels_last=True)
 
     def autocast():
         return torch.autocast(ctx.dev_type, dtype=torch.bfloat16)
@@ -652,6 +653,9 @@ def sec_bf16_rounds(ctx: Ctx) -> dict:
                         seed=0, optimizer_state="reset")
     for w in engine.workers:
         w.autocast = autocast
+        w.memory_format = torch.channels_last
+    layout_kept = all(t.is_contiguous(memory_format=torch.channels_last)
+                      for w in engine.workers for t in tensors_of(w.model).values() if t.dim() == 4)
     per_round, finite = [], True
     for r in range(rounds):
         engine.begin_round(r)
@@ -672,7 +676,7 @@ def sec_bf16_rounds(ctx: Ctx) -> dict:
     return {"rounds": per_round, "workers": workers, "local_steps": local_steps, "batch": batch,
             "batches_in_set": n_batches, "worker_loss_first_round": first, "worker_loss_last_round": last,
             "eval_loss_before": before, "eval_loss_after": after, "finite": finite, "param_dtypes": dtypes,
-            "passed": bool(finite and last < first and after < before)}
+            "channels_last_kept": layout_kept, "passed": bool(finite and layout_kept and last < first and after < before)}
 
 
 def _ds_setup(ctx: Ctx):

@@ -42,6 +42,7 @@ def test_cpu_smoke_runs_every_section_and_records_the_skips(tmp_path):
     assert all(r["bit_equal"] for r in s1)  # on the CPU S=1 LoFT is plain SGD bit for bit (tests/test_engine.py)
     bf16 = secs["bf16_rounds"]["data"]
     assert bf16["finite"] and bf16["worker_loss_last_round"] < bf16["worker_loss_first_round"]
+    assert bf16["channels_last_kept"]  # sub-networks keep the channels_last layout of the full model
     zero0, zero1 = secs["ds_zero0_fp32_cpu"]["data"], secs["ds_zero1_fp32_cpu"]["data"]
     assert zero0["master_copy"] is False and zero1["master_copy"] is True and zero1["zero_stage"] == 1
     for rounds in (zero0["rounds"], zero1["rounds"]):
