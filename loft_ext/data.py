@@ -10,6 +10,10 @@
 Worker orders (``data_order``): ``own-shuffle`` gives every worker its own shuffled order of the whole
 training set each epoch (the release); ``shard`` gives worker s a fixed disjoint 1/S of it, reshuffled
 each epoch. Orders are pure functions of (seed, worker, epoch).
+
+Random augmentation (CIFAR, imagefolder) is seeded per sample from (seed, worker, epoch, index): a
+training batch is the same whether the workers are simulated in one process or run as S processes,
+whatever the number of loader processes (``--data_workers``), and after a resume.
 """
 from __future__ import annotations
 
@@ -37,6 +41,25 @@ class DataBundle:
     in_chans: int
     image_size: int
     name: str
+    augmented: bool = False  # the training transform draws random numbers
+
+
+class SeededSamples(Dataset):
+    """``dataset[index]`` with the torch RNG seeded by the sampler's per-sample seed for the transform
+    (torchvision's transforms draw from the global torch RNG; its state outside is left untouched).
+    Keys are ``(index, seed)`` pairs from :class:`WorkerSampler` with ``seeded=True``."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
 
 
 def _generator(*seeds: int) -> torch.Generator:
@@ -94,7 +117,7 @@ def load_dataset(name: str, data_dir: str = "", image_size: int | None = None,
             test = cls(data_dir, train=False, download=False, transform=T.Compose(base + [T.ToTensor(), norm]))
         except RuntimeError as exc:
             raise DataError(f"{data_dir!r} does not hold {folder}/ in torchvision's CIFAR layout ({exc})") from None
-        return DataBundle(train, test, classes, 3, size, name)
+        return DataBundle(train, test, classes, 3, size, name, augmented=augment)
     if name == "fashion_mnist":
         _require_dir(data_dir, name, "FashionMNIST/raw/*-ubyte(.gz) (torchvision's layout)")
         size = image_size or 28
@@ -116,7 +139,7 @@ def load_dataset(name: str, data_dir: str = "", image_size: int | None = None,
     train = tvd.ImageFolder(os.path.join(data_dir, "train"), transform=T.Compose(aug + [T.ToTensor(), norm]))
     test = tvd.ImageFolder(os.path.join(data_dir, split_dirs[0]),
                            transform=T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), norm]))
-    return DataBundle(train, test, len(train.classes), 3, size, name)
+    return DataBundle(train, test, len(train.classes), 3, size, name, augmented=augment)
 
 
 class WorkerSampler(Sampler[int]):
@@ -127,11 +150,12 @@ class WorkerSampler(Sampler[int]):
     """
 
     def __init__(self, n: int, worker: int, workers: int, order: str = "own-shuffle", seed: int = 0,
-                 replica: int = 0, replicas: int = 1):
+                 replica: int = 0, replicas: int = 1, seeded: bool = False):
         if order not in DATA_ORDERS:
             raise DataError(f"unknown data order {order!r}; choose one of {', '.join(DATA_ORDERS)}")
         self.n, self.worker, self.workers, self.order, self.seed = n, worker, workers, order, seed
         self.replica, self.replicas = replica, replicas
+        self.seeded = seeded  # yield (index, per-sample seed) for SeededSamples
         self.epoch = 0
         self.skip = 0  # positions of the current epoch already consumed (a resumed run), used once
         if order == "shard":
@@ -151,7 +175,11 @@ class WorkerSampler(Sampler[int]):
         else:
             order = torch.randperm(self.n, generator=g)
         skip, self.skip = self.skip, 0
-        return iter(order[self.replica::self.replicas][skip:].tolist())
+        mine = order[self.replica::self.replicas][skip:].tolist()
+        if not self.seeded:
+            return iter(mine)
+        base = _generator(self.seed, self.worker, self.epoch, 104729).initial_seed()
+        return iter([(i, (base + i * 0x9E3779B97F4A7C15) % 2 ** 63) for i in mine])
 
 
 class BatchStream:
@@ -159,14 +187,17 @@ class BatchStream:
 
     def __init__(self, dataset: Dataset, batch_size: int, worker: int = 0, workers: int = 1,
                  order: str = "own-shuffle", seed: int = 0, num_workers: int = 0,
-                 replica: int = 0, replicas: int = 1, device: torch.device | str = "cpu"):
-        self.sampler = WorkerSampler(len(dataset), worker, workers, order, seed, replica, replicas)
+                 replica: int = 0, replicas: int = 1, device: torch.device | str = "cpu",
+                 augmented: bool = False):
+        self.sampler = WorkerSampler(len(dataset), worker, workers, order, seed, replica, replicas,
+                                     seeded=augmented)
         self.device = torch.device(device)
         if len(self.sampler) < batch_size:
             raise DataError(f"worker {worker} holds {len(self.sampler)} training samples, fewer than one "
                             f"batch of {batch_size}; lower --batch_size")
-        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True,
-                                 num_workers=num_workers)
+        self.loader = DataLoader(SeededSamples(dataset) if augmented else dataset, batch_size=batch_size,
+                                 sampler=self.sampler, drop_last=True, num_workers=num_workers,
+                                 persistent_workers=num_workers > 0, pin_memory=self.device.type == "cuda")
         self.batch_size = batch_size
         self.epoch = 0
         self.consumed = 0  # batches of the current epoch already returned

@@ -29,3 +29,18 @@ def model_cache():
         return cache[key]
 
     return get
+
+
+def write_noise_imagefolder(root, per_class=12, size=40, classes=("a", "b")):
+    """A real imagefolder data set of random-noise PNGs (train/ and val/), so random crops differ."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in classes:
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return root

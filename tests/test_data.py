@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from loft_ext.data import BatchStream, DataError, WorkerSampler, load_dataset
+from conftest import write_noise_imagefolder
+from loft_ext.data import BatchStream, DataError, SeededSamples, WorkerSampler, load_dataset
 
 
 def test_digits_is_real_and_split():
@@ -65,6 +66,32 @@ def test_imagefolder_loads_local_images(tmp_path):
                 Image.new("RGB", (40, 30), (i * 80, 20, 200)).save(tmp_path / split / cls / f"{i}.png")
     data = load_dataset("imagefolder", str(tmp_path), image_size=24)
     assert data.num_classes == 2 and len(data.train) == 4 and data.test[0][0].shape == (3, 24, 24)
+
+
+def test_augmented_batches_are_a_function_of_seed_worker_epoch_and_index(tmp_path):
+    """Random crops and flips are seeded per sample: the batches do not depend on the number of loader
+    processes, on other users of the global RNG, or on a resume mid-epoch."""
+    data = load_dataset("imagefolder", str(write_noise_imagefolder(tmp_path)), image_size=24)
+    assert data.augmented  # RandomResizedCrop + RandomHorizontalFlip
+
+    def batches(num_workers, n=4):  # 24 images, batch 8: 3 steps per epoch, so n=4 crosses an epoch end
+        stream = BatchStream(data.train, 8, 1, 2, seed=3, num_workers=num_workers, augmented=True)
+        out = []
+        for _ in range(n):
+            torch.rand(7)  # someone else draws from the global RNG between batches
+            out.append(stream.next()[0])
+        return out
+
+    in_process, two_loaders = batches(0), batches(2)
+    assert all(torch.equal(a, b) for a, b in zip(in_process, two_loaders))
+    resumed = BatchStream(data.train, 8, 1, 2, seed=3, augmented=True)
+    resumed.load_state_dict({"epoch": 0, "consumed": 2})
+    assert torch.equal(resumed.next()[0], in_process[2]) and torch.equal(resumed.next()[0], in_process[3])
+    # the augmentation is random, and the seed decides it
+    seeded = SeededSamples(data.train)
+    assert torch.equal(seeded[(0, 11)][0], seeded[(0, 11)][0]) and not torch.equal(seeded[(0, 11)][0], seeded[(0, 12)][0])
+    other_worker = BatchStream(data.train, 8, 0, 2, seed=3, augmented=True)
+    assert not torch.equal(other_worker.next()[0], in_process[0])
 
 
 def _write_idx(path, array, magic):

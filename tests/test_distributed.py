@@ -95,6 +95,21 @@ def test_channels_last_two_processes_equal_the_simulation_and_a_ticket_fine_tune
     assert row["kept_params"] < row["params"] and 0 < row["test_acc"] <= 1
 
 
+def test_augmented_data_two_processes_equal_the_simulation(tmp_path):
+    """Random crops and flips (imagefolder) are seeded per sample, so 2 ranks with a loader process each
+    train on the same batches as 2 workers simulated in one process: the same model, bit for bit."""
+    from conftest import write_noise_imagefolder
+    data = ["--dataset", "imagefolder", "--data_dir", str(write_noise_imagefolder(tmp_path / "data")),
+            "--image_size", "16", "--batch_size", "8"]
+    sim = _launch("python", 1, FAST + data, tmp_path / "sim")
+    assert sim.returncode == 0, sim.stderr[-3000:]
+    ranks = _launch("torchrun", 2, FAST + data + ["--data_workers", "1"], tmp_path / "ranks")
+    assert ranks.returncode == 0, ranks.stderr[-3000:]
+    sim_dir, ranks_dir = _run_dir(tmp_path / "sim"), _run_dir(tmp_path / "ranks")
+    assert len(_assembled(sim_dir)) == 3
+    assert _assembled(ranks_dir, 0) == _assembled(ranks_dir, 1) == _assembled(sim_dir)
+
+
 def test_four_workers_alltoall_moves_under_a_third_of_allgather(tmp_path):
     sent, hashes = {}, {}
     for strategy in ("allgather", "alltoall"):

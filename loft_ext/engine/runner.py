@@ -163,6 +163,8 @@ class OutputHparams(Hparams):
                                 "pretraining and fine-tuning (timm's --channels-last: faster convolutions with "
                                 "bf16 on recent GPUs)")
     cpu: bool = field(False, "run on CPU even when GPUs are present (gloo instead of NCCL)")
+    data_workers: int = field(0, "DataLoader worker processes per rank for the training batches; the batches "
+                              "do not depend on it (augmentation is seeded per sample)")
     tracker: str = field("wandb", "experiment tracker through Accelerate: wandb or none (files in the run "
                          "directory are always written)", ("wandb", "none"))
     wandb_project: str = field("loft_ext", "W&B project")
@@ -473,6 +475,8 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
     validate(model_hp, data_hp, loft_hp, train_hp, det_hp)
     ckpt_hp = ckpt_hp or CheckpointHparams()
     validate_checkpointing(ckpt_hp)
+    if out_hp.data_workers < 0:
+        raise ConfigError(f"--data_workers must be >= 0 (got {out_hp.data_workers})")
     if loft_hp.method == "earlybird":  # dense pretraining that the Early-Bird detector ends
         det_hp = dataclasses.replace(det_hp, earlybird=True, earlybird_stop=True)
     wandb_mode = tracker_mode(out_hp)
@@ -579,8 +583,9 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
             w.after_load = (lambda e=w.ds_engine: ds.push_values(e))
     d_index = grid.data_index if grid else 0
     streams = {w.index: BatchStream(data.train, data_hp.batch_size, w.index, workers,
-                                    data_hp.data_order, train_hp.seed, replica=d_index, replicas=replicas,
-                                    device=device) for w in engine.workers}
+                                    data_hp.data_order, train_hp.seed, num_workers=out_hp.data_workers,
+                                    replica=d_index, replicas=replicas, device=device,
+                                    augmented=data.augmented) for w in engine.workers}
     steps_per_epoch = next(iter(streams.values())).steps_per_epoch
     rounds_per_epoch = max(1, math.ceil(steps_per_epoch / loft_hp.local_steps))
     rounds = train_hp.rounds or train_hp.epochs * rounds_per_epoch
