@@ -88,6 +88,8 @@ CASES = {
     "workers_wider_than_every_group": (["--workers", "100000", "--preset", "all"], "fewer than S=100000", None),
     "local_steps_below_one": (["--local_steps", "0"], "--local_steps must be >= 1", None),
     "negative_data_workers": (["--data_workers", "-1"], "--data_workers must be >= 0", None),
+    "finetune_batch_larger_than_the_data": (["--ratios", "0.5", "--finetune_batch_size", "5000"],
+                                            "fewer than one fine-tuning batch of --finetune_batch_size 5000", None),
     "ratio_of_one": (["--ratios", "0.5,1.0"], "--ratios must lie in [0, 1)", None),
     "negative_ratio": (["--ratios", "-0.1"], "--ratios must lie in [0, 1)", None),
     "data_dir_missing": (["--dataset", "cifar10"], "needs --data_dir", None),

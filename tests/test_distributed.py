@@ -80,34 +80,24 @@ def test_two_processes_equal_the_simulation_bit_for_bit(tmp_path, simulated, str
         _check_counts(_comm(run_dir, rank))
 
 
-def test_channels_last_two_processes_equal_the_simulation_and_a_ticket_fine_tunes(tmp_path):
-    """--channels_last keeps the invariant (2 ranks = 2 simulated workers, bit for bit) and runs the ticket stage."""
-    cl = FAST + ["--channels_last", "--sync", "alltoall"]
-    sim = _launch("python", 1, cl, tmp_path / "sim")
+def test_channels_last_on_augmented_data_two_processes_equal_the_simulation(tmp_path):
+    """--channels_last and random crops / flips (imagefolder, seeded per sample) keep the invariant:
+    2 ranks with a loader process each (alltoall) train exactly as 2 workers simulated in one process;
+    then a ticket is pruned and fine-tuned in channels_last."""
+    from conftest import write_noise_imagefolder
+    args = FAST + ["--dataset", "imagefolder", "--data_dir", str(write_noise_imagefolder(tmp_path / "data")),
+                   "--image_size", "16", "--batch_size", "8", "--channels_last", "--sync", "alltoall"]
+    sim = _launch("python", 1, args, tmp_path / "sim")
     assert sim.returncode == 0, sim.stderr[-3000:]
-    ranks = _launch("torchrun", 2, cl + ["--ratios", "0.5", "--finetune_epochs", "1"], tmp_path / "ranks")
+    ranks = _launch("torchrun", 2, args + ["--data_workers", "1", "--ratios", "0.5", "--finetune_epochs", "1",
+                                           "--finetune_batch_size", "8"], tmp_path / "ranks")
     assert ranks.returncode == 0, ranks.stderr[-3000:]
     assert "(alltoall, gloo); channels_last; run dir" in ranks.stdout
     sim_dir, ranks_dir = _run_dir(tmp_path / "sim"), _run_dir(tmp_path / "ranks")
-    assert _assembled(ranks_dir, 0) == _assembled(ranks_dir, 1) == _assembled(sim_dir)
     assert len(_assembled(sim_dir)) == 3
+    assert _assembled(ranks_dir, 0) == _assembled(ranks_dir, 1) == _assembled(sim_dir)
     (row,) = json.loads((ranks_dir / "summary.json").read_text())["ticket_rows"]
     assert row["kept_params"] < row["params"] and 0 < row["test_acc"] <= 1
-
-
-def test_augmented_data_two_processes_equal_the_simulation(tmp_path):
-    """Random crops and flips (imagefolder) are seeded per sample, so 2 ranks with a loader process each
-    train on the same batches as 2 workers simulated in one process: the same model, bit for bit."""
-    from conftest import write_noise_imagefolder
-    data = ["--dataset", "imagefolder", "--data_dir", str(write_noise_imagefolder(tmp_path / "data")),
-            "--image_size", "16", "--batch_size", "8"]
-    sim = _launch("python", 1, FAST + data, tmp_path / "sim")
-    assert sim.returncode == 0, sim.stderr[-3000:]
-    ranks = _launch("torchrun", 2, FAST + data + ["--data_workers", "1"], tmp_path / "ranks")
-    assert ranks.returncode == 0, ranks.stderr[-3000:]
-    sim_dir, ranks_dir = _run_dir(tmp_path / "sim"), _run_dir(tmp_path / "ranks")
-    assert len(_assembled(sim_dir)) == 3
-    assert _assembled(ranks_dir, 0) == _assembled(ranks_dir, 1) == _assembled(sim_dir)
 
 
 def test_four_workers_alltoall_moves_under_a_third_of_allgather(tmp_path):

@@ -123,6 +123,13 @@ def run_pipeline(model_hp, data_hp, loft_hp, train_hp, det_hp, out_hp, ticket_hp
                                     collective_timeout=ckpt_hp.collective_timeout)
     main = accelerator.is_main_process
     say = print_fn if main else (lambda *a, **k: None)
+    if ticket_hp.ratios:  # refused before pretraining, not after it
+        n_train = len(load_dataset(data_hp.dataset, data_hp.data_dir, data_hp.image_size or None,
+                                   data_hp.augment).train)
+        if n_train < ticket_hp.finetune_batch_size:
+            raise ConfigError(f"the training set has {n_train} samples, fewer than one fine-tuning batch of "
+                              f"--finetune_batch_size {ticket_hp.finetune_batch_size}; lower it (or pass "
+                              "--ratios '' to skip the tickets)")
     pre = run_pretrain(model_hp, data_hp, loft_hp, train_hp, det_hp, out_hp, print_fn, accelerator=accelerator,
                        rewind_round=ticket_hp.rewind_round if ticket_hp.rewind == "round" else 0, ds_hp=ds_hp,
                        ckpt_hp=ckpt_hp)

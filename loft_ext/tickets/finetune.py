@@ -41,6 +41,8 @@ def finetune(model: nn.Module, masks: dict[str, torch.Tensor], train_set, test_s
     loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(seed))
     wrapped, opt, loader = accelerator.prepare(model, opt, loader)
+    if len(loader) == 0:
+        raise ValueError(f"fine-tuning has no batch: {len(train_set)} training samples, batch size {batch_size}")
     inner = getattr(opt, "optimizer", opt)
     steps = max(1, epochs * len(loader))
     step = 0
