@@ -31,7 +31,7 @@ from ..tickets.prune import (SCOPES, PruneError, magnitude_masks, random_masks_l
                              sparsity_report, structured_ticket)
 from ..tracking import RunLogger
 from .runner import (PRETRAIN_HPARAMS, CheckpointHparams, ConfigError, DeepSpeedHparams, run_pretrain,
-                     save_weights, start_accelerator, start_tracker, tracker_mode, validate_checkpointing)
+                     save_weights, start_accelerator, start_tracker, tracker_mode, validate, validate_checkpointing)
 
 
 @dataclass
@@ -123,20 +123,18 @@ def run_pipeline(model_hp, data_hp, loft_hp, train_hp, det_hp, out_hp, ticket_hp
                                     collective_timeout=ckpt_hp.collective_timeout)
     main = accelerator.is_main_process
     say = print_fn if main else (lambda *a, **k: None)
-    if ticket_hp.ratios:  # refused before pretraining, not after it
-        n_train = len(load_dataset(data_hp.dataset, data_hp.data_dir, data_hp.image_size or None,
-                                   data_hp.augment).train)
-        if n_train < ticket_hp.finetune_batch_size:
-            raise ConfigError(f"the training set has {n_train} samples, fewer than one fine-tuning batch of "
-                              f"--finetune_batch_size {ticket_hp.finetune_batch_size}; lower it (or pass "
-                              "--ratios '' to skip the tickets)")
+    validate(model_hp, data_hp, loft_hp, train_hp, det_hp)  # cheap checks before the data set is read
+    data = load_dataset(data_hp.dataset, data_hp.data_dir, data_hp.image_size or None, data_hp.augment)
+    if ticket_hp.ratios and len(data.train) < ticket_hp.finetune_batch_size:  # not only after pretraining
+        raise ConfigError(f"the training set has {len(data.train)} samples, fewer than one fine-tuning batch of "
+                          f"--finetune_batch_size {ticket_hp.finetune_batch_size}; lower it (or pass "
+                          "--ratios '' to skip the tickets)")
     pre = run_pretrain(model_hp, data_hp, loft_hp, train_hp, det_hp, out_hp, print_fn, accelerator=accelerator,
                        rewind_round=ticket_hp.rewind_round if ticket_hp.rewind == "round" else 0, ds_hp=ds_hp,
-                       ckpt_hp=ckpt_hp)
+                       ckpt_hp=ckpt_hp, data=data)
     run_dir = pre["run_dir"]
     if not ticket_hp.ratios:
         return pre
-    data = load_dataset(data_hp.dataset, data_hp.data_dir, data_hp.image_size or None, data_hp.augment)
     shape = (1, data.in_chans, data.image_size, data.image_size)
     score = _score(loft_hp.method, ticket_hp.prune_score)
     world = accelerator.num_processes

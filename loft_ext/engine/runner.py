@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from ..checkpoint import CheckpointError, CheckpointStore, write_json_atomic
-from ..data import DATA_ORDERS, DATASETS, BatchStream, DataError, load_dataset
+from ..data import DATA_ORDERS, DATASETS, BatchStream, DataBundle, DataError, load_dataset
 from ..hparams import Hparams, field, hparams_hash
 from ..models import create_model
 from ..parallel import analytic
@@ -466,8 +466,10 @@ def communication_report(engine: LoFTEngine, model, rounds: int, steps: int, ele
 def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHparams,
                  train_hp: TrainHparams, det_hp: DetectorHparams, out_hp: OutputHparams,
                  print_fn=print, accelerator=None, rewind_round: int = 0,
-                 ds_hp: DeepSpeedHparams | None = None, ckpt_hp: CheckpointHparams | None = None) -> dict:
+                 ds_hp: DeepSpeedHparams | None = None, ckpt_hp: CheckpointHparams | None = None,
+                 data: DataBundle | None = None) -> dict:
     """LoFT (or dense) pretraining with plugins; returns summary.json's content plus ``run_dir``.
+    ``data``: the data set of ``data_hp`` when the caller has loaded it already.
 
     Saves ``init.safetensors`` (the initial weights), ``model.safetensors`` (the assembled model at the
     end) and, with ``rewind_round`` > 0, ``round_<k>.safetensors`` (the assembled model after round k).
@@ -508,7 +510,7 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
             raise ConfigError("--optimizer_state carry needs zero_optimization.stage 0 under DeepSpeed (ZeRO "
                               "keeps optimizer state in flat partitions); use reset or a stage-0 config")
         data_hp = dataclasses.replace(data_hp, batch_size=ds_cfg["train_micro_batch_size_per_gpu"])
-    data = load_dataset(data_hp.dataset, data_hp.data_dir, data_hp.image_size or None, data_hp.augment)
+    data = data or load_dataset(data_hp.dataset, data_hp.data_dir, data_hp.image_size or None, data_hp.augment)
     # everything that can refuse the run happens before the run directory is touched
     torch.manual_seed(train_hp.seed)
     model = create_model(model_hp.model, data.num_classes, data.in_chans)
