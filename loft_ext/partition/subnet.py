@@ -128,8 +128,8 @@ def narrow_model(full: nn.Module, plan: PartitionPlan, units: list[int]) -> nn.M
     for name, t in tensors_of(full).items():
         if name in plan.tensor_dims:
             shape = plan.narrow_shape(name, tuple(t.shape), units)
-            narrow = torch.zeros(shape, dtype=t.dtype, device=t.device)
-            set_tensor(sub, name, narrow.contiguous(memory_format=memory_format_of(t)))
+            set_tensor(sub, name, torch.empty(shape, dtype=t.dtype, device=t.device,
+                                              memory_format=memory_format_of(t)).zero_())
     grouped = {}
     for gi, g in enumerate(plan.split):
         for conv, groups in g.grouped_convs.items():
