@@ -14,13 +14,14 @@ import json
 import os
 import shutil
 import time
+from loft_ext.errors import ConfigError
 
 MANIFEST = "manifest.json"
 FORMAT = 1
 STAGING = ".staging-"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ConfigError):
     """A checkpoint that is missing, incomplete, corrupt or of another configuration."""
 
 

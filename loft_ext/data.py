@@ -24,12 +24,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+from loft_ext.errors import ConfigError
 
 DATASETS = ("digits", "cifar10", "cifar100", "fashion_mnist", "imagefolder")
 DATA_ORDERS = ("own-shuffle", "shard")
 
 
-class DataError(ValueError):
+class DataError(ConfigError):
     """A data set that is missing or malformed; the message names the expected layout."""
 
 

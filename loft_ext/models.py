@@ -5,9 +5,10 @@ import difflib
 
 import timm
 import torch.nn as nn
+from loft_ext.errors import ConfigError
 
 
-class ModelError(ValueError):
+class ModelError(ConfigError):
     """An unknown or unusable model name."""
 
 

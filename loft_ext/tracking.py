@@ -23,12 +23,13 @@ import netrc
 import os
 import secrets
 import string
+from loft_ext.errors import ConfigError
 
 
 WANDB_ID_FILE = "wandb_run_id.txt"
 
 
-class TrackingError(ValueError):
+class TrackingError(ConfigError):
     """W&B asked to go online without credentials, or an unknown mode."""
 
 

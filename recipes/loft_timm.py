@@ -10,7 +10,8 @@ Default (no flags): resnet18 on scikit-learn's bundled digits, S=2, one structur
 Every flag is generated from loft_ext's hparam dataclasses; see docs/usage.md.
 
 Exit status: 0 done; 2 bad input (one "error:" line, nothing trained or overwritten); 1 the run failed
-(non-finite values, a lost rank: the last checkpoint is kept); 128+N preempted by signal N (143 for
+(non-finite values, a lost rank: the last checkpoint is kept; an unexpected error: one line naming
+the file under <output_dir>/errors/ that holds its traceback); 128+N preempted by signal N (143 for
 SIGTERM, 130 for SIGINT) after writing a checkpoint: rerun with --resume latest (docs/reliability.md).
 """
 import argparse
@@ -21,12 +22,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from loft_ext.data import DataError  # noqa: E402
 from loft_ext.engine.pipeline import ALL_HPARAMS, run_pipeline  # noqa: E402
-from loft_ext.engine.loop import TrainingFailure  # noqa: E402
-from loft_ext.engine.runner import ConfigError, Preempted  # noqa: E402
-from loft_ext.models import ModelError  # noqa: E402
-from loft_ext.partition.graph import PartitionError  # noqa: E402
+from loft_ext.errors import report_failure  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -36,15 +33,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         run_pipeline(*(cls.from_args(args) for cls in ALL_HPARAMS))
-    except (ConfigError, DataError, ModelError, PartitionError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except TrainingFailure as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except Preempted as exc:
-        print(str(exc), file=sys.stderr)
-        return 128 + exc.signum
+    except Exception as exc:  # every failure ends as one line (and a traceback file when unexpected)
+        return report_failure(exc, getattr(args, "output_dir", None))
     finally:
         # gloo can abort at interpreter exit if the group outlives the models: tear it down here
         if dist.is_available() and dist.is_initialized():

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from ..errors import TrainingFailure
 from ..plugins.base import Plugin
 from ..tracking import RunLogger
 from .loft import LoFTEngine
@@ -66,10 +67,6 @@ def evaluate(model: nn.Module, loader: DataLoader, recalibrate: DataLoader | Non
         correct += (out.argmax(1) == y).sum().item()
         total += len(y)
     return {"test_loss": loss_sum / max(total, 1), "test_acc": correct / max(total, 1)}
-
-
-class TrainingFailure(RuntimeError):
-    """The run cannot go on (non-finite values, a lost rank); the message names where and why."""
 
 
 @dataclass

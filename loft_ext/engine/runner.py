@@ -41,7 +41,8 @@ from ..tracking import RunLogger, TrackingError, resolve_wandb_mode, wandb_run_i
 from . import checkpointing
 from .checkpointing import CHECKPOINT_DIR, Checkpointer
 from .loft import OPTIMIZER_STATE_MODES, LoFTEngine
-from .loop import LoFTLoop, TrainingFailure, lr_at
+from ..errors import ConfigError, Preempted, TrainingFailure
+from .loop import LoFTLoop, lr_at
 
 
 METHODS = ("loft", "dense", "earlybird", "random")
@@ -175,19 +176,6 @@ class OutputHparams(Hparams):
 
 
 PRETRAIN_HPARAMS = (ModelHparams, DataHparams, LoftHparams, TrainHparams, DetectorHparams, OutputHparams)
-
-
-class ConfigError(ValueError):
-    """Hparams that cannot work together; the message says which flag and what would work."""
-
-
-class Preempted(Exception):
-    """The run was stopped by SIGTERM/SIGINT at a round boundary, with a checkpoint to resume from."""
-
-    def __init__(self, signum: int, rounds_done: int, checkpoint: str | None):
-        self.signum, self.rounds_done, self.checkpoint = signum, rounds_done, checkpoint
-        super().__init__(f"preempted by {signal.Signals(signum).name} after round {rounds_done}: checkpoint "
-                         f"{checkpoint}; run the same command with --resume latest to continue")
 
 
 def validate_checkpointing(ckpt_hp: CheckpointHparams) -> None:

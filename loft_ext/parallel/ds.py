@@ -18,11 +18,12 @@ import torch
 import torch.nn as nn
 
 from .grid import FilterGrid
+from loft_ext.errors import ConfigError
 
 CLIP_MODES = ("joint", "separate")
 
 
-class DeepSpeedConfigError(ValueError):
+class DeepSpeedConfigError(ConfigError):
     """A ds_config that cannot run LoFT correctly; the message names the key and what works."""
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch.distributed as dist
+from loft_ext.errors import ConfigError
 
 
-class GridError(ValueError):
+class GridError(ConfigError):
     """A world size and worker count that do not form a grid; the message lists sizes that work."""
 
 

@@ -25,6 +25,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
+from loft_ext.errors import ConfigError
 
 try:  # timm registers modules/functions that symbolic tracing must not enter
     from timm.layers._fx import get_notrace_functions, get_notrace_modules
@@ -147,7 +148,7 @@ def trace(model: nn.Module, input_shape: tuple[int, ...]) -> fx.GraphModule:
     return gm
 
 
-class PartitionError(ValueError):
+class PartitionError(ConfigError):
     """A model, preset or worker count that cannot be partitioned; the message says why and what works."""
 
 

@@ -22,12 +22,13 @@ import torch.nn as nn
 
 from ..partition.plan import PartitionPlan
 from ..partition.subnet import Partition, slice_indices, tensors_of
+from loft_ext.errors import ConfigError
 
 SCORES = ("l2", "bn", "random")
 SCOPES = ("per-group", "global")
 
 
-class PruneError(ValueError):
+class PruneError(ConfigError):
     """A pruning ratio or setting that cannot work; the message names the flag and the valid range."""
 
 
