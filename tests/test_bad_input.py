@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from loft_ext.engine.runner import ConfigError, check_mixed_precision
+from loft_ext.engine.setup import check_mixed_precision
+from loft_ext.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "recipes", "loft_timm.py")

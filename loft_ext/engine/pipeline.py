@@ -30,8 +30,11 @@ from ..tickets.masks import save_masks
 from ..tickets.prune import (SCOPES, PruneError, magnitude_masks, random_masks_like, random_ticket_like,
                              sparsity_report, structured_ticket)
 from ..tracking import RunLogger
-from .runner import (PRETRAIN_HPARAMS, CheckpointHparams, ConfigError, DeepSpeedHparams, run_pretrain,
-                     save_weights, start_accelerator, start_tracker, tracker_mode, validate, validate_checkpointing)
+from ..errors import ConfigError
+from ..plugins.snapshots import save_weights
+from .config import PRETRAIN_HPARAMS, CheckpointHparams, DeepSpeedHparams, validate, validate_checkpointing
+from .pretrain import run_pretrain
+from .setup import start_accelerator, start_tracker, tracker_mode
 
 
 @dataclass

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from ..engine.loop import evaluate
+from ..evaluation import evaluate
 from .masks import MaskEnforcer
 
 OPTIMIZERS = ("sgd", "adamw")
