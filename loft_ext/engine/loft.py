@@ -48,7 +48,7 @@ class LoFTEngine:
 
     def __init__(self, model: nn.Module, plan: PartitionPlan, seed: int = 0, optimizer_state: str = "reset",
                  grid: FilterGrid | None = None, comm: Comm | None = None, strategy: str = "allgather",
-                 start_round: int = 0, replicas_ddp: bool = True):
+                 start_round: int = 0, replicas_ddp: bool = True, make_optimizer=None):
         if optimizer_state not in OPTIMIZER_STATE_MODES:
             raise ConfigError(f"optimizer_state must be one of {OPTIMIZER_STATE_MODES}, got {optimizer_state!r}")
         if strategy not in STRATEGIES:
@@ -69,6 +69,8 @@ class LoFTEngine:
             self.strategy = AllGatherSync(*args) if strategy == "allgather" else AllToAllSync(*args, start_round)
             if replicas_ddp:
                 self.workers[0].module = wrap_replicas(self.workers[0].model, grid, self.comm)
+        if make_optimizer is not None:  # e.g. ``lambda params: torch.optim.SGD(params, lr=0.1)``
+            self.attach_optimizers([make_optimizer(w.model.parameters()) for w in self.workers])
 
     @property
     def full_opt_state(self) -> dict[str, dict[str, torch.Tensor]]:
