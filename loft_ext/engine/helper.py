@@ -26,8 +26,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..errors import ConfigError, PluginError
+from ..errors import ConfigError
 from ..hparams import Hparams, field
+from ..models import default_input_shape
 from ..parallel.grid import build_grid, check_world
 from ..parallel.sync import OPTIMIZER_STATE_MODES, STRATEGIES
 from ..partition.plan import PRESETS, make_plan
@@ -71,15 +72,6 @@ class RunState:
     round_losses: list[list[float]] = dc_field(default_factory=list)   # this round, per local worker
     history: list[dict] = dc_field(default_factory=list)
     tickets: list[dict] = dc_field(default_factory=list)
-
-
-def default_input_shape(model: nn.Module) -> tuple[int, int, int, int]:
-    """(1, C, H, W) from the timm model's pretrained_cfg input size and its stem's input channels."""
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    size = tuple(cfg.get("input_size", (3, 224, 224)))[-2:]
-    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    chans = conv.in_channels if conv is not None else 3
-    return (1, chans, *size)
 
 
 class LoFT(LoFTState):
@@ -135,7 +127,11 @@ class LoFT(LoFTState):
 
     @property
     def model(self) -> nn.Module:
-        """This rank's worker's module (the first simulated worker's in one process)."""
+        """This process's worker's module (one worker per process; with S simulated workers use ``models``)."""
+        if len(self.engine.workers) > 1:
+            raise ConfigError(f"this process simulates all {len(self.engine.workers)} workers: train each of "
+                              "loft.models (one optimizer each), or launch one process per worker (torchrun "
+                              "--nproc_per_node S)")
         return self.engine.workers[0].module
 
     @property
@@ -301,4 +297,4 @@ class LoFT(LoFTState):
         return stop, preempt, failed
 
 
-__all__ = ["LoFT", "LoFTConfig", "RunState", "PluginError", "default_input_shape"]
+__all__ = ["LoFT", "LoFTConfig", "RunState"]
