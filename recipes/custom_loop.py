@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""A plain Accelerate training loop that adopts LoFT: the lines marked `# LoFT` are all it takes
+"""A plain Accelerate training loop that adopts LoFT: the lines with a LoFT comment are all it takes
 (docs/library.md shows the loop without them, side by side).
 
 Digits (scikit-learn's, built in), a timm CNN, cross-entropy with label smoothing, AdamW, a cosine
@@ -34,8 +34,7 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate (cosine to 0)")
     parser.add_argument("--label_smoothing", type=float, default=0.1, help="cross-entropy label smoothing")
     parser.add_argument("--clip", type=float, default=1.0, help="gradient clipping (max norm)")
-    parser.add_argument("--workers", type=int, default=0, help="LoFT S; 0 = one per process")
-    parser.add_argument("--local_steps", type=int, default=4, help="LoFT L: local steps per round")
+    parser.add_argument("--workers", type=int, default=0, help="S filter workers (0: one per process)")  # LoFT
     parser.add_argument("--seed", type=int, default=0, help="seed of the model init and data order")
     parser.add_argument("--output", default="", help="write the final test accuracy to this JSON file")
     args = parser.parse_args(argv)
@@ -45,7 +44,7 @@ def main(argv=None) -> int:
     set_seed(args.seed)
     data = load_digits_dataset(32)
     model = timm.create_model(args.model, pretrained=False, num_classes=data.num_classes, in_chans=data.in_chans)
-    config = loft_ext.LoFTConfig(workers=args.workers or accelerator.num_processes, local_steps=args.local_steps)  # LoFT
+    config = loft_ext.LoFTConfig(workers=args.workers or accelerator.num_processes, local_steps=4)  # LoFT
     loft = loft_ext.LoFT(accelerator, model, config, input_shape=(1, data.in_chans, 32, 32))  # LoFT
     model = loft.model  # LoFT: this process's narrower sub-network
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
@@ -80,7 +79,7 @@ def main(argv=None) -> int:
             optimizer.zero_grad()
             loft.step(loss)  # LoFT: every L steps write back, sync, redraw the partition
         with loft.full_model() as full:  # LoFT: the assembled model
-            acc = evaluate(full)
+            acc = evaluate(full)  # LoFT
         accelerator.print(f"epoch {epoch + 1}: loss {loss.item():.4f} test acc {100 * acc:.2f}%")
     if args.output and accelerator.is_main_process:
         with open(args.output, "w") as f:
