@@ -78,8 +78,8 @@ def main(argv=None) -> int:
             scheduler.step()
             optimizer.zero_grad()
             loft.step(loss)  # LoFT: every L steps write back, sync, redraw the partition
-        with loft.full_model() as full:  # LoFT: the assembled model
-            acc = evaluate(full)  # LoFT
+        with loft.full_model() as full:  # LoFT: the assembled model, its BatchNorm statistics re-estimated
+            acc = loft_ext.evaluate(full, test_loader, recalibrate=loader, recalibrate_batches=8)["test_acc"]  # LoFT
         accelerator.print(f"epoch {epoch + 1}: loss {loss.item():.4f} test acc {100 * acc:.2f}%")
     if args.output and accelerator.is_main_process:
         with open(args.output, "w") as f:
