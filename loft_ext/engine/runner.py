@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from ..budget import pretrain_budget
 from ..checkpoint import CheckpointError, CheckpointStore, write_json_atomic
 from ..data import DATA_ORDERS, DATASETS, BatchStream, DataBundle, DataError, load_dataset
 from ..hparams import Hparams, field, hparams_hash
@@ -666,6 +667,8 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
                "rounds_done": loop.state.round_index, "epochs_done": loop.state.round_index / rounds_per_epoch,
                "workers": workers, "local_steps": loft_hp.local_steps, "replicas": replicas,
                "method": loft_hp.method, "sync_bytes_sent": sync.sent if sync else 0.0,
+               **pretrain_budget(engine.comm.totals(), loop.state.round_index, loft_hp.local_steps,
+                                 data_hp.batch_size, workers, replicas),
                "wall_s": time.time() - t_start}
     if main:
         save_weights(final, os.path.join(run_dir, "model.safetensors"))
