@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..budget import row_budget
 from ..checkpoint import write_json_atomic
-from ..data import load_dataset
+from ..data import data_health, load_dataset
 from ..hparams import Hparams, field, hparams_hash
 from ..models import create_model
 from ..partition.plan import make_plan
@@ -126,7 +126,8 @@ def run_pipeline(model_hp, data_hp, loft_hp, train_hp, det_hp, out_hp, ticket_hp
     main = accelerator.is_main_process
     say = print_fn if main else (lambda *a, **k: None)
     validate(model_hp, data_hp, loft_hp, train_hp, det_hp)  # cheap checks before the data set is read
-    data = load_dataset(data_hp.dataset, data_hp.data_dir, data_hp.image_size or None, data_hp.augment)
+    data = load_dataset(data_hp.dataset, data_hp.data_dir, data_hp.image_size or None, data_hp.augment,
+                        data_hp.bad_images)
     if ticket_hp.ratios and len(data.train) < ticket_hp.finetune_batch_size:  # not only after pretraining
         raise ConfigError(f"the training set has {len(data.train)} samples, fewer than one fine-tuning batch of "
                           f"--finetune_batch_size {ticket_hp.finetune_batch_size}; lower it (or pass "
@@ -244,6 +245,8 @@ def run_pipeline(model_hp, data_hp, loft_hp, train_hp, det_hp, out_hp, ticket_hp
         merged = {r["dir"]: r for r in summary.get("ticket_rows", [])}  # tickets of earlier calls stay
         merged.update({r["dir"]: r for r in rows})
         summary["ticket_rows"] = list(merged.values())
+        if not pre.get("skipped"):  # unreadable images of pretraining and fine-tuning
+            summary.update(data_health(data))
         write_json_atomic(summary_path, summary)
     say("\n" + format_table(rows))
     return {**pre, "ticket_rows": rows}

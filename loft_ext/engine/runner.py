@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader
 
 from ..budget import pretrain_budget
 from ..checkpoint import CheckpointError, CheckpointStore, write_json_atomic
-from ..data import DATA_ORDERS, DATASETS, BatchStream, DataBundle, DataError, load_dataset
+from ..data import DATA_ORDERS, DATASETS, BatchStream, DataBundle, DataError, data_health, load_dataset
+from ..images import BAD_IMAGE_POLICIES
 from ..hparams import Hparams, field, hparams_hash
 from ..models import create_model
 from ..parallel import analytic
@@ -73,6 +74,10 @@ class DataHparams(Hparams):
     data_order: str = field("own-shuffle", "own-shuffle: each worker its own order of the full set "
                             "(the release); shard: disjoint 1/S shards", DATA_ORDERS)
     augment: bool = field(True, "random crop/flip for cifar and imagefolder training sets")
+    bad_images: str = field("refuse", "imagefolder files that cannot be read as images: refuse (a scan before "
+                            "training lists them, exit 2), skip (the scan leaves them out, counted as "
+                            "images_skipped) or replace (no scan); at run time a file that fails to decode is "
+                            "always replaced by another sample (samples_replaced)", BAD_IMAGE_POLICIES)
 
 
 @dataclass
@@ -499,7 +504,8 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
             raise ConfigError("--optimizer_state carry needs zero_optimization.stage 0 under DeepSpeed (ZeRO "
                               "keeps optimizer state in flat partitions); use reset or a stage-0 config")
         data_hp = dataclasses.replace(data_hp, batch_size=ds_cfg["train_micro_batch_size_per_gpu"])
-    data = data or load_dataset(data_hp.dataset, data_hp.data_dir, data_hp.image_size or None, data_hp.augment)
+    data = data or load_dataset(data_hp.dataset, data_hp.data_dir, data_hp.image_size or None, data_hp.augment,
+                                data_hp.bad_images)
     # everything that can refuse the run happens before the run directory is touched
     torch.manual_seed(train_hp.seed)
     model = create_model(model_hp.model, data.num_classes, data.in_chans)
@@ -668,7 +674,7 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
                "workers": workers, "local_steps": loft_hp.local_steps, "replicas": replicas,
                "method": loft_hp.method, "sync_bytes_sent": sync.sent if sync else 0.0,
                **pretrain_budget(engine.comm.totals(), loop.state.round_index, loft_hp.local_steps,
-                                 data_hp.batch_size, workers, replicas),
+                                 data_hp.batch_size, workers, replicas), **data_health(data),
                "wall_s": time.time() - t_start}
     if main:
         save_weights(final, os.path.join(run_dir, "model.safetensors"))
