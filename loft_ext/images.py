@@ -24,6 +24,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import torch.distributed as dist
+from PIL import Image
 from torch.utils.data import Dataset
 
 from .errors import TrainingFailure
@@ -65,8 +66,6 @@ def _format(header: bytes) -> str | None:
 
 def decode_error(path: str) -> str | None:
     """Why PIL cannot decode ``path`` as ImageFolder's loader does (None: it can)."""
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             im.convert("RGB")
@@ -178,7 +177,8 @@ class ReplaceUnreadable(Dataset):
 
     ``replaced`` counts replacements across DataLoader worker processes (shared memory)."""
 
-    ERRORS = (OSError, ValueError, SyntaxError, EOFError)  # what PIL raises for bad files
+    # what PIL raises for bad files
+    ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
     def __init__(self, dataset: Dataset, name: str = "training"):
         self.dataset, self.name = dataset, name
