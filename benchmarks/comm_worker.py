@@ -19,6 +19,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from loft_ext.engine.loft import LoFTEngine  # noqa: E402
+from loft_ext.engine.loop import local_step  # noqa: E402
 from loft_ext.models import create_model  # noqa: E402
 from loft_ext.parallel.comm import Comm  # noqa: E402
 from loft_ext.parallel.grid import build_grid  # noqa: E402
@@ -66,12 +67,12 @@ def run_method(method: str, args: argparse.Namespace, rank: int, world: int) -> 
     else:
         grid = build_grid(world)
         plan = make_plan(model, world, args.preset, (1, 3, 32, 32), args.model)
-        engine = LoFTEngine(model, plan, lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9), seed=0,
+        engine = LoFTEngine(model, plan, make_optimizer=lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9), seed=0,
                             grid=grid, comm=comm, strategy=method)
         for r in range(args.rounds):
             engine.begin_round(r)
             for _ in range(args.local_steps):
-                engine.workers[0].train_step(*batch())
+                local_step(engine.workers[0], *batch())
             engine.sync()
         rounds = args.rounds
     totals = comm.totals()

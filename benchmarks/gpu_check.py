@@ -545,6 +545,8 @@ def sec_s1_equals_sgd(ctx: Ctx) -> dict:
     import torch.nn.functional as F
 
     from loft_ext.engine.loft import LoFTEngine
+
+    from loft_ext.engine.loop import local_step
     from loft_ext.models import create_model
     from loft_ext.partition.plan import make_plan
     from loft_ext.partition.subnet import tensors_of
@@ -569,12 +571,12 @@ def sec_s1_equals_sgd(ctx: Ctx) -> dict:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        engine = LoFTEngine(full, plan, sgd(momentum), seed=1, optimizer_state=optimizer_state)
+        engine = LoFTEngine(full, plan, make_optimizer=sgd(momentum), seed=1, optimizer_state=optimizer_state)
         it = iter(data)
         for r in range(rounds):
             engine.begin_round(r)
             for _ in range(local_steps):
-                engine.workers[0].train_step(*next(it))
+                local_step(engine.workers[0], *next(it))
             engine.sync()
         max_abs, max_rel, n_differ, worst = 0.0, 0.0, 0, None
         for (k, a), (_, b) in zip(tensors_of(plain).items(), tensors_of(full).items()):
@@ -626,6 +628,8 @@ def sec_bf16_rounds(ctx: Ctx) -> dict:
     import torch.nn.functional as F
 
     from loft_ext.engine.loft import LoFTEngine
+
+    from loft_ext.engine.loop import local_step
     from loft_ext.models import create_model
     from loft_ext.partition.plan import make_plan
     from loft_ext.partition.subnet import tensors_of
@@ -649,11 +653,8 @@ def sec_bf16_rounds(ctx: Ctx) -> dict:
             return statistics.fmean(F.cross_entropy(model(x), y).item() for x, y in data)
 
     before = eval_loss(full)
-    engine = LoFTEngine(full, plan, lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=5e-4),
+    engine = LoFTEngine(full, plan, make_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=5e-4),
                         seed=0, optimizer_state="reset")
-    for w in engine.workers:
-        w.autocast = autocast
-        w.memory_format = torch.channels_last
     layout_kept = all(t.is_contiguous(memory_format=torch.channels_last)
                       for w in engine.workers for t in tensors_of(w.model).values() if t.dim() == 4)
     per_round, finite = [], True
@@ -663,7 +664,7 @@ def sec_bf16_rounds(ctx: Ctx) -> dict:
         for w in engine.workers:
             for step in range(local_steps):
                 x, y = data[(r * local_steps * workers + step * workers + w.index) % n_batches]
-                losses.append(w.train_step(x, y))
+                losses.append(local_step(w, x, y, autocast=autocast, memory_format=torch.channels_last))
         engine.sync()
         finite_r = all(bool(torch.isfinite(t).all()) for t in tensors_of(full).values() if t.is_floating_point())
         finite &= finite_r and all(map(lambda v: v == v and abs(v) != float("inf"), losses))
@@ -705,6 +706,7 @@ def _ds_setup(ctx: Ctx):
 def sec_deepspeed(ctx: Ctx, config: str) -> dict:
     """The slice-load check of tests/test_deepspeed.py (the runner's debug-hash check) on one process."""
     from loft_ext.engine.loft import LoFTEngine
+    from loft_ext.engine.loop import local_step
     from loft_ext.models import create_model
     from loft_ext.parallel import ds
     from loft_ext.partition.plan import make_plan
@@ -753,17 +755,14 @@ def sec_deepspeed(ctx: Ctx, config: str) -> dict:
     def make_opt(ps):
         return torch.optim.SGD(ps, lr=lr, momentum=momentum, weight_decay=wd)
 
-    engine = LoFTEngine(full, plan, make_opt, seed=0, optimizer_state="reset")
+    engine = LoFTEngine(full, plan, make_optimizer=make_opt, seed=0, optimizer_state="reset")
 
     def autocast():
         return torch.autocast(ctx.dev_type, dtype=torch.bfloat16) if bf16 else _null()
 
-    for w in engine.workers:
-        w.autocast = autocast
     w0 = engine.workers[0]
     t0 = time.time()
-    w0.ds_engine, _, w0.clip_norm = ds.initialize(w0.model, w0.optimizer, cfg, ds.LoftMPU(grid), "joint")
-    w0.grad_sync = None
+    w0.ds_engine, _, clip0 = ds.initialize(w0.model, w0.optimizer, cfg, ds.LoftMPU(grid), "joint")
     init_engine_s = round(time.time() - t0, 2)
     master_copy = ds.master_copy(w0.ds_engine)
     state = {}
@@ -806,7 +805,7 @@ def sec_deepspeed(ctx: Ctx, config: str) -> dict:
         if clip > 0:
             torch.nn.utils.clip_grad_norm_(ref.parameters(), clip)
         ref_opt.step()
-        loss_ds = w0.train_step(x, y)
+        loss_ds = local_step(w0, x, y, autocast=autocast, clip_norm=clip0)
         num = den = 0.0
         max_abs = 0.0
         ref_params = dict(ref.named_parameters())
@@ -820,10 +819,10 @@ def sec_deepspeed(ctx: Ctx, config: str) -> dict:
         moved = den > 0
         master_after_ok, _ = master_matches()
         for _ in range(local_steps - 1):
-            w0.train_step(*next(it))
+            local_step(w0, *next(it), autocast=autocast, clip_norm=clip0)
         for w in engine.workers[1:]:
             for _ in range(local_steps):
-                w.train_step(*data[(r * 7 + 1) % len(data)])
+                local_step(w, *data[(r * 7 + 1) % len(data)], autocast=autocast)
         engine.sync()
         rows.append({"round": r, "module_equals_slices": module_ok, "master_equals_slices": master_ok,
                      "has_master": has_master, "master_stale_before_push": state.get("stale_before_push"),

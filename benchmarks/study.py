@@ -155,7 +155,7 @@ def data_dir_of(data: DataSpec, data_root: str) -> str:
 def hparams_of(spec: StudySpec, task: Task, output_dir: str, data_root: str):
     """(pretraining hparams for run_pipeline, {ticket label: TicketHparams})."""
     from loft_ext.engine.pipeline import TicketHparams
-    from loft_ext.engine.runner import (DataHparams, DetectorHparams, LoftHparams, ModelHparams, OutputHparams,
+    from loft_ext.engine.config import (DataHparams, DetectorHparams, LoftHparams, ModelHparams, OutputHparams,
                                         TrainHparams)
 
     method, workers = PRETRAININGS[task.pretraining]
@@ -265,7 +265,7 @@ def pipeline_kwargs(run_pipeline) -> dict:
     installed pipeline has checkpointing; nothing otherwise."""
     import inspect
 
-    from loft_ext.engine import runner
+    from loft_ext.engine import config as runner
 
     if "ckpt_hp" in inspect.signature(run_pipeline).parameters and hasattr(runner, "CheckpointHparams"):
         return {"ckpt_hp": runner.CheckpointHparams(checkpoint_every=-1, resume="latest")}

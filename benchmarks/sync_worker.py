@@ -23,6 +23,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from loft_ext.engine.loft import LoFTEngine  # noqa: E402
+from loft_ext.engine.loop import local_step  # noqa: E402
 from loft_ext.models import create_model  # noqa: E402
 from loft_ext.parallel.comm import Comm  # noqa: E402
 from loft_ext.parallel.grid import build_grid  # noqa: E402
@@ -37,7 +38,7 @@ def time_rounds(strategy: str, args: argparse.Namespace, rank: int, world: int) 
     grid = build_grid(world)
     plan = make_plan(model, world, args.preset, (1, 3, args.size, args.size), args.model)
     comm = Comm()
-    engine = LoFTEngine(model, plan, lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9), seed=0,
+    engine = LoFTEngine(model, plan, make_optimizer=lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9), seed=0,
                         grid=grid, comm=comm, strategy=strategy)
     g = torch.Generator().manual_seed(rank)
     batches = [(torch.randn(args.batch, 3, args.size, args.size, generator=g),
@@ -50,7 +51,7 @@ def time_rounds(strategy: str, args: argparse.Namespace, rank: int, world: int) 
         engine.begin_round(r)
         t1 = time.perf_counter()
         for x, y in batches:
-            worker.train_step(x, y)
+            local_step(worker, x, y)
         t2 = time.perf_counter()
         dist.barrier()
         t3 = time.perf_counter()

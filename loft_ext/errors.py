@@ -26,6 +26,10 @@ class TrainingFailure(LoftError, RuntimeError):
     """The run cannot go on (non-finite values, a lost rank); the message names where and why."""
 
 
+class PluginError(TrainingFailure):
+    """A plugin raised inside an event; the message names the plugin, the event and the round."""
+
+
 class Preempted(LoftError):
     """The run was stopped by SIGTERM/SIGINT at a round boundary, with a checkpoint to resume from."""
 

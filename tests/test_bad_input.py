@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from loft_ext.engine.runner import ConfigError, check_mixed_precision
+from loft_ext.engine.setup import check_mixed_precision
+from loft_ext.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "recipes", "loft_timm.py")
@@ -279,7 +280,7 @@ def test_finetune_epochs_zero_reports_the_untrained_tickets_accuracy(previous, c
     from torch.utils.data import DataLoader
 
     from loft_ext.data import load_dataset
-    from loft_ext.engine.loop import evaluate
+    from loft_ext.evaluation import evaluate
     from loft_ext.models import create_model
 
     assert main([*TINY, "--ratios", "0.5", "--finetune_epochs", "0", "--output_dir", str(previous)]) == 0

@@ -137,7 +137,9 @@ def test_replicas_stay_identical_and_workers_differ(tmp_path):
     report = _comm(run_dir, 0)
     _check_counts(report)
     dp = report["measured"]["dp_grad"]
-    assert dp["calls"] == 4 and dp["bytes_sent"] == pytest.approx(report["analytic"]["dp_grad"]["bytes_sent"])
+    # DDP all-reduces in buckets (one or more per step; it rebuilds them after the first step): the bytes
+    # equal the analytic count of one all-reduce of every gradient per step
+    assert dp["calls"] >= 4 and dp["bytes_sent"] == pytest.approx(report["analytic"]["dp_grad"]["bytes_sent"])
     # LoFT S=2 D=2: pre MiB counts the replicas' gradients next to the sync
     (row,) = json.loads((run_dir / "summary.json").read_text())["ticket_rows"]
     phases = check_pretrain_bytes(run_dir, row, proc.stdout)

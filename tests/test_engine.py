@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from loft_ext.data import BatchStream, load_digits_dataset
 from loft_ext.engine.loft import LoFTEngine
+from loft_ext.engine.loop import local_step
 from loft_ext.partition.plan import make_plan
 from loft_ext.partition.subnet import covered_mask, tensors_of
 
@@ -43,15 +44,14 @@ def test_single_worker_loft_equals_plain_training(model_cache, digits, momentum,
         opt.step()
 
     plan = make_plan(full, 1, "all", input_shape=(1, 1, 32, 32), model_name=name)
-    engine = LoFTEngine(full, plan, _sgd(momentum=momentum), seed=1, optimizer_state=optimizer_state)
-    engine.workers[0].memory_format = fmt
+    engine = LoFTEngine(full, plan, make_optimizer=_sgd(momentum=momentum), seed=1, optimizer_state=optimizer_state)
     convs = [t for t in tensors_of(engine.workers[0].model).values() if t.dim() == 4 and t.shape[-1] > 1]
     assert all(t.is_contiguous(memory_format=fmt) for t in convs)  # the sub-network keeps the layout
     stream = BatchStream(digits.train, 32, 0, 1, "own-shuffle", seed=1)
     for r in range(rounds):
         engine.begin_round(r)
         for _ in range(local_steps):
-            engine.workers[0].train_step(*stream.next())
+            local_step(engine.workers[0], *stream.next(), memory_format=fmt)
         engine.sync()
     for (k, a), (_, b) in zip(tensors_of(plain).items(), tensors_of(full).items()):
         assert torch.equal(a, b), k
@@ -61,13 +61,13 @@ def test_single_worker_loft_equals_plain_training(model_cache, digits, momentum,
 def test_one_round_writes_each_slice_back_and_averages_shared(model_cache, digits, name, workers):
     full = copy.deepcopy(model_cache(name, num_classes=10, in_chans=1))
     plan = make_plan(full, workers, "all", input_shape=(1, 1, 32, 32), model_name=name)
-    engine = LoFTEngine(full, plan, _sgd(lr=0.1, momentum=0.9), seed=0)
+    engine = LoFTEngine(full, plan, make_optimizer=_sgd(lr=0.1, momentum=0.9), seed=0)
     before = {k: v.clone() for k, v in tensors_of(full).items()}
     part = engine.begin_round(0)
     streams = [BatchStream(digits.train, 16, s, workers, "own-shuffle", seed=0) for s in range(workers)]
     for w in engine.workers:
         for _ in range(2):
-            w.train_step(*streams[w.index].next())
+            local_step(w, *streams[w.index].next())
     trained = [{k: v.clone() for k, v in tensors_of(w.model).items()} for w in engine.workers]
     engine.sync()
     after = tensors_of(full)
@@ -118,7 +118,7 @@ def test_optimizer_state_reset_and_carry(model_cache, digits):
     plan = make_plan(full, 2, "paper", input_shape=(1, 1, 32, 32))
     stream = BatchStream(digits.train, 16, 0, 2, seed=0)
     for mode in ("reset", "carry"):
-        engine = LoFTEngine(full, plan, _sgd(momentum=0.9), seed=0, optimizer_state=mode)
+        engine = LoFTEngine(full, plan, make_optimizer=_sgd(momentum=0.9), seed=0, optimizer_state=mode)
         for r in range(2):
             engine.begin_round(r)
             w = engine.workers[0]
@@ -131,5 +131,5 @@ def test_optimizer_state_reset_and_carry(model_cache, digits):
                 assert torch.equal(w.optimizer.state[p]["momentum_buffer"], want)
                 assert want.abs().sum() > 0
             for wk in engine.workers:
-                wk.train_step(*stream.next())
+                local_step(wk, *stream.next())
             engine.sync()

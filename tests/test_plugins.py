@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from loft_ext.data import BatchStream, load_digits_dataset
-from loft_ext.engine.loft import LoFTEngine
-from loft_ext.engine.loop import LoFTLoop
-from loft_ext.partition.plan import make_plan
+from loft_ext.engine.helper import LoFT, LoFTConfig
+from loft_ext.engine.loop import fit
 from loft_ext.plugins.distance import DistanceStop, FilterDistance
 from loft_ext.plugins.earlybird import EarlyBird
 from wandb_offline import history_keys
@@ -58,13 +57,17 @@ def test_run_writes_distance_products_and_a_wandb_offline_run(tmp_path, method):
     assert sum(m.endswith(".png") for m in media) == 3
 
 
-def _loop(base, data, rounds, plugins):
-    model = copy.deepcopy(base)
-    plan = make_plan(model, 2, "paper", input_shape=(1, 1, 32, 32))
-    engine = LoFTEngine(model, plan, lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), seed=0)
-    streams = [BatchStream(data.train, 32, s, 2, seed=0) for s in range(2)]
-    return LoFTLoop(engine, streams, torch.utils.data.DataLoader(data.test, batch_size=360), rounds, 2,
-                    lambda r: 0.05, plugins=plugins, rounds_per_epoch=3)
+def _loop(base, data, rounds, plugins, streams=None):
+    loft = LoFT(None, copy.deepcopy(base), LoFTConfig(workers=2, local_steps=2), plugins=plugins,
+                input_shape=(1, 1, 32, 32), rounds=rounds, rounds_per_epoch=3)
+    loft.attach(*[torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in loft.models], begin=False)
+    loft.streams = streams or [BatchStream(data.train, 32, s, 2, seed=0) for s in range(2)]
+    loft.test_loader = torch.utils.data.DataLoader(data.test, batch_size=360)
+    return loft
+
+
+def _fit(loft):
+    return fit(loft, loft.streams, loft.test_loader, lr_fn=lambda r: 0.05)
 
 
 def _plugins():
@@ -76,15 +79,15 @@ def test_plugin_state_survives_save_and_load(model_cache):
     base = model_cache("resnet18", num_classes=10, in_chans=1)
     data = load_digits_dataset(32)
     whole = _loop(base, data, 6, _plugins())
-    whole.fit()
+    _fit(whole)
 
     first = _loop(base, data, 3, _plugins())
-    first.fit()
-    saved = json.loads(json.dumps(first.state_dict()))  # through JSON, as a checkpoint stores it
-    second = LoFTLoop(first.engine, first.streams, first.test_loader, 6, 2, lambda r: 0.05,
-                      plugins=_plugins(), rounds_per_epoch=3)
-    second.load_state_dict(saved)
-    second.fit()
+    _fit(first)
+    saved = json.loads(json.dumps(first.progress_state()))  # through JSON, as a checkpoint stores it
+    second = _loop(base, data, 6, _plugins(), streams=first.streams)
+    second.engine.full.load_state_dict(first.engine.full.state_dict())
+    second.load_progress_state(saved)
+    _fit(second)
     assert [p.state_dict() for p in second.plugins] == [p.state_dict() for p in whole.plugins]
     assert second.state.tickets == whole.state.tickets and whole.state.tickets
     assert second.state.history == whole.state.history

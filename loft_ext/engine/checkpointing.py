@@ -27,7 +27,6 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoint import CheckpointError, CheckpointStore, verify
 from ..parallel.comm import Counter
-from ..parallel.sync import AllToAllSync
 from ..plugins.base import Plugin
 
 CHECKPOINT_DIR = "checkpoints"
@@ -43,26 +42,6 @@ def checkpoint_name(rounds_done: int) -> str:
 def _barrier(engine) -> None:
     if engine.grid is not None:
         dist.barrier()
-
-
-# ------------------------------------------------------------------------------------------ tensors
-def engine_tensors(engine) -> dict[str, torch.Tensor]:
-    """Optimizer state the engine carries across rounds (empty under ``reset``)."""
-    out = {f"opt|{name}|{key}": v for name, state in engine.full_opt_state.items()
-           for key, v in state.items() if torch.is_tensor(v)}
-    if isinstance(engine.strategy, AllToAllSync):
-        out.update({f"slab|{name}|{key}": v for (name, key), v in engine.strategy.slabs.items() if key})
-    return {k: v.detach().contiguous().cpu() for k, v in out.items()}
-
-
-def load_engine_tensors(engine, tensors: dict[str, torch.Tensor]) -> None:
-    device = next(engine.workers[0].model.parameters()).device
-    for key, value in tensors.items():
-        kind, name, state_key = key.split("|")
-        if kind == "opt":
-            engine.full_opt_state.setdefault(name, {})[state_key] = value.to(device)
-        elif kind == "slab":
-            engine.strategy.slabs[(name, state_key)] = value.to(device)
 
 
 def rng_tensors(generators: dict[str, torch.Generator]) -> dict[str, torch.Tensor]:
@@ -131,9 +110,9 @@ class Checkpointer(Plugin):
                           os.path.join(staging, "model.safetensors"))
         finally:
             engine.release()
-        save_file({**engine_tensors(engine), **rng_tensors(self.generators)},
+        save_file({**engine.strategy.state_dict(), **rng_tensors(self.generators)},
                   os.path.join(staging, f"rank{self.rank}.safetensors"))
-        rank_state = {"rank": self.rank, "loop": loop.state_dict(), "host_rng": host_rng(),
+        rank_state = {"rank": self.rank, "loop": loop.progress_state(), "host_rng": host_rng(),
                       "streams": {str(k): s.state_dict() for k, s in self.streams.items()},
                       "comm": engine.comm.totals()}
         with open(os.path.join(staging, f"rank{self.rank}.json"), "w") as f:
@@ -201,8 +180,9 @@ def restore(path: str, loop, streams: dict, generators: dict[str, torch.Generato
     tensors = load_file(os.path.join(path, files[0]))
     with open(os.path.join(path, files[1])) as f:
         state = json.load(f)
-    load_engine_tensors(engine, {k: v for k, v in tensors.items() if k.startswith(("opt|", "slab|"))})
-    loop.load_state_dict(state["loop"])
+    device = next(engine.workers[0].model.parameters()).device
+    engine.strategy.load_state_dict({k: v for k, v in tensors.items() if k.startswith(("opt|", "slab|"))}, device)
+    loop.load_progress_state(state["loop"])
     for key, stream_state in state["streams"].items():
         streams[int(key)].load_state_dict(stream_state)
     for phase, c in state["comm"].items():

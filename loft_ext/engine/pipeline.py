@@ -28,11 +28,14 @@ from ..report import format_table
 from ..tickets.export import compact_model, save_compact
 from ..tickets.finetune import OPTIMIZERS, finetune
 from ..tickets.masks import save_masks
-from ..tickets.prune import (SCOPES, PruneError, magnitude_masks, random_masks_like, random_ticket_like,
-                             sparsity_report, structured_ticket)
+from ..tickets.plugins import draw_ticket
+from ..tickets.prune import SCOPES, PruneError, sparsity_report
 from ..tracking import RunLogger
-from .runner import (PRETRAIN_HPARAMS, CheckpointHparams, ConfigError, DeepSpeedHparams, run_pretrain,
-                     save_weights, start_accelerator, start_tracker, tracker_mode, validate, validate_checkpointing)
+from ..errors import ConfigError
+from ..plugins.snapshots import save_weights
+from .config import PRETRAIN_HPARAMS, CheckpointHparams, DeepSpeedHparams, validate, validate_checkpointing
+from .pretrain import run_pretrain
+from .setup import start_accelerator, start_tracker, tracker_mode
 
 
 @dataclass
@@ -162,22 +165,9 @@ def run_pipeline(model_hp, data_hp, loft_hp, train_hp, det_hp, out_hp, ticket_hp
                       os.path.join(run_dir, "model.safetensors"))
         plan = make_plan(model, 1, model_hp.preset, shape, model_hp.model)
         try:
-            if ticket_hp.ticket == "structured":
-                ticket = structured_ticket(model, plan, ratio, ticket_hp.prune_scope,
-                                           "l2" if score == "random" else score, ticket_hp.min_keep, train_hp.seed)
-                if score == "random":  # the control: same units per group, chosen at random
-                    ticket = random_ticket_like(ticket, train_hp.seed)
-                masks = ticket.masks(model)
-                meta = {"kind": "structured", "ratio": ratio, "score": score, "scope": ticket_hp.prune_scope,
-                        "groups": [{**r, "kept": k.tolist()} for r, k in zip(ticket.report(), ticket.kept)]}
-            else:
-                masks = None
-                for _ in range(ticket_hp.prune_levels):
-                    masks = magnitude_masks(model, ratio, masks)
-                if score == "random":
-                    masks = random_masks_like(masks, train_hp.seed)
-                meta = {"kind": "unstructured", "ratio_per_level": ratio, "levels": ticket_hp.prune_levels,
-                        "score": score}
+            drawn = draw_ticket(model, ratio, ticket_hp.ticket, score, plan=plan, scope=ticket_hp.prune_scope,
+                                min_keep=ticket_hp.min_keep, levels=ticket_hp.prune_levels, seed=train_hp.seed)
+            masks, meta, ticket = drawn.masks, drawn.meta, drawn.structured
         except PruneError as exc:
             raise ConfigError(str(exc)) from None
         t_prune = time.time() - t0

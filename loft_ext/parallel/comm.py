@@ -71,6 +71,18 @@ class Comm:
         moved = 2 * (n - 1) / n * _nbytes(tensor)
         self._count(moved, moved)
 
+    def all_reduce_async(self, tensor: torch.Tensor, group=None):
+        """An all-reduce (sum) that returns a Future of ``[tensor]`` (DDP communication hooks)."""
+        n = dist.get_world_size(group)
+        if n == 1:
+            fut = torch.futures.Future()
+            fut.set_result([tensor])
+            return fut
+        work = dist.all_reduce(tensor, group=group, async_op=True)
+        moved = 2 * (n - 1) / n * _nbytes(tensor)
+        self._count(moved, moved)
+        return work.get_future()
+
     def all_gather(self, output: torch.Tensor, tensor: torch.Tensor, group=None) -> None:
         n = dist.get_world_size(group)
         if n == 1:

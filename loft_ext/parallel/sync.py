@@ -15,6 +15,11 @@ Both strategies produce the same values as the in-process simulation; only the r
 Shared tensors (weights every worker holds, BN statistics of shared channels) are all-reduced (mean)
 over the whole grid. With D > 1 replicas, statistics of split channels are first averaged over the data
 group. With ``optimizer_state=carry`` the optimizer's per-entry state travels with its parameter.
+
+``local`` is the in-process simulation of all S workers (no process grid). Every strategy owns the
+optimizer state kept across rounds (``opt_state``: full-size tensors per parameter name and state key)
+and saves / restores it with ``state_dict`` / ``load_state_dict``; it gets the workers (sub-network,
+slicer, optimizer) and the full model from its caller, never the caller itself.
 """
 from __future__ import annotations
 
@@ -26,6 +31,103 @@ import torch.nn as nn
 from ..partition.subnet import Partition, read_slice, slice_indices, write_slice
 
 STRATEGIES = ("allgather", "alltoall")
+OPTIMIZER_STATE_MODES = ("reset", "carry")
+
+
+def load_optimizer_slices(w, part: Partition, plan, opt_state: dict, mode: str) -> None:
+    """Worker ``w``'s optimizer state for round ``part``: cleared under ``reset`` (or before any state
+    exists), else every per-entry state tensor sliced from its full-size copy like the weights."""
+    if w.optimizer is None:
+        return
+    if mode == "reset" or not opt_state:
+        w.optimizer.state.clear()
+        return
+    for p, name in w.param_names.items():
+        full_state = opt_state.get(name)
+        if full_state is None:
+            continue
+        idx = w.slicer.indices(part, name) if name in plan.tensor_dims else []
+        state = w.optimizer.state[p]
+        full_shape = w.slicer.full_tensors[name].shape
+        for key, value in full_state.items():
+            per_entry = value.dim() > 0 and value.shape == full_shape
+            state[key] = read_slice(value, idx).clone() if per_entry else value.clone()
+
+
+def _mean(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Mean in worker order (sum, then divide): the order a ring all-reduce of S=2 reproduces."""
+    if not tensors[0].is_floating_point():
+        return tensors[0]  # integer counters (BN num_batches_tracked) are equal on every worker
+    total = tensors[0].clone()
+    for t in tensors[1:]:
+        total.add_(t)
+    return total.div_(len(tensors)) if len(tensors) > 1 else total
+
+
+def _opt_tensors(opt_state: dict) -> dict[str, torch.Tensor]:
+    return {f"opt|{name}|{key}": v.detach().contiguous().cpu() for name, state in opt_state.items()
+            for key, v in state.items() if torch.is_tensor(v)}
+
+
+class LocalSync:
+    """All S workers in one process: write-back by disjoint copies, shared tensors by in-order means."""
+
+    def __init__(self, workers, plan, optimizer_state: str):
+        self.workers, self.plan, self.optimizer_state = workers, plan, optimizer_state
+        self.opt_state: dict[str, dict[str, torch.Tensor]] = {}
+
+    def load(self, part: Partition) -> None:
+        for w in self.workers:
+            w.slicer.load(part)
+            load_optimizer_slices(w, part, self.plan, self.opt_state, self.optimizer_state)
+
+    @torch.no_grad()
+    def sync(self, part: Partition, next_part: Partition) -> None:
+        for w in self.workers:
+            w.slicer.write_back(part)
+        tensors = self.workers[0].slicer.full_tensors
+        for name in self.workers[0].slicer.shared_names:
+            tensors[name].copy_(_mean([w.slicer.sub_tensors[name] for w in self.workers]))
+        if self.optimizer_state == "carry":
+            self._write_back_optimizer_state(part)
+
+    def _write_back_optimizer_state(self, part: Partition) -> None:
+        def param(w, name):
+            return w.slicer.sub_tensors[name]
+        names = {n for w in self.workers if w.optimizer is not None
+                 for p, n in w.param_names.items() if w.optimizer.state.get(p)}
+        for name in names:
+            full_param = self.workers[0].slicer.full_tensors[name]
+            states = [w.optimizer.state.get(param(w, name), {}) for w in self.workers]
+            dest = self.opt_state.setdefault(name, {})
+            for key, value in states[0].items():
+                if not torch.is_tensor(value) or any(key not in st for st in states):
+                    continue  # a worker whose copy got no gradient this round keeps no state
+                if value.shape == param(self.workers[0], name).shape and value.dim() > 0:
+                    if key not in dest:
+                        dest[key] = torch.zeros_like(full_param)
+                    if name in self.plan.tensor_dims:
+                        for w, st in zip(self.workers, states):
+                            write_slice(dest[key], st[key], w.slicer.indices(part, name))
+                    else:
+                        dest[key].copy_(_mean([st[key] for st in states]))
+                else:
+                    dest[key] = value.clone()  # e.g. Adam's step count: equal on every worker
+
+    def assemble(self) -> nn.Module:
+        return self.workers[0].slicer.full
+
+    def release(self) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return _opt_tensors(self.opt_state)
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], device=None) -> None:
+        for key, value in tensors.items():
+            kind, name, state_key = key.split("|")
+            if kind == "opt":
+                self.opt_state.setdefault(name, {})[state_key] = value.to(device)
 
 
 def _pack(tensors: list[torch.Tensor], length: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -69,10 +171,10 @@ def _unpack(flat: torch.Tensor, shapes: list[tuple[int, ...]]) -> list[torch.Ten
 class _Strategy:
     """What both strategies share: the local worker, items to move, shared averaging."""
 
-    def __init__(self, engine):
-        self.e = engine
-        self.w = engine.workers[0]
-        self.plan, self.grid, self.comm = engine.plan, engine.grid, engine.comm
+    def __init__(self, worker, plan, grid, comm, optimizer_state: str, draw):
+        self.w, self.plan, self.grid, self.comm = worker, plan, grid, comm
+        self.optimizer_state, self.draw = optimizer_state, draw
+        self.opt_state: dict[str, dict[str, torch.Tensor]] = {}
         self.full_shapes = {n: tuple(t.shape) for n, t in self.w.slicer.full_tensors.items()}
         self.units = [self.plan.units_of(t) for t in range(self.plan.workers)]  # fixed for the whole run
         self.buffers = _Buffers()
@@ -90,7 +192,7 @@ class _Strategy:
             if not t.is_floating_point():
                 continue
             out.append((name, ""))
-            if state and self.e.optimizer_state == "carry" and isinstance(t, nn.Parameter):
+            if state and self.optimizer_state == "carry" and isinstance(t, nn.Parameter) and self.w.optimizer:
                 for key, v in self.w.optimizer.state.get(t, {}).items():
                     if torch.is_tensor(v) and v.dim() > 0 and v.shape == t.shape:
                         out.append((name, key))
@@ -126,12 +228,12 @@ class _Strategy:
 
     def keep_scalar_state(self) -> None:
         """Optimizer state that is not per entry (Adam's step) is equal on every worker: keep ours."""
-        if self.e.optimizer_state != "carry":
+        if self.optimizer_state != "carry":
             return
         for p, name in self.w.param_names.items():
             for key, v in self.w.optimizer.state.get(p, {}).items():
                 if torch.is_tensor(v) and (v.dim() == 0 or v.shape != p.shape):
-                    self.e.full_opt_state.setdefault(name, {})[key] = v.clone()
+                    self.opt_state.setdefault(name, {})[key] = v.clone()
 
 
 class AllGatherSync(_Strategy):
@@ -139,12 +241,12 @@ class AllGatherSync(_Strategy):
 
     def load(self, part: Partition) -> None:
         self.w.slicer.load(part)
-        self.e.load_optimizer_state(self.w)
+        load_optimizer_slices(self.w, part, self.plan, self.opt_state, self.optimizer_state)
 
     def full_item(self, name: str, key: str) -> torch.Tensor:
         if not key:
             return self.w.slicer.full_tensors[name]
-        state = self.e.full_opt_state.setdefault(name, {})
+        state = self.opt_state.setdefault(name, {})
         if key not in state:
             state[key] = torch.zeros(self.full_shapes[name], dtype=self.sub_item(name, key).dtype,
                                      device=self.sub_item(name, key).device)
@@ -176,18 +278,27 @@ class AllGatherSync(_Strategy):
         self.keep_scalar_state()
 
     def assemble(self) -> nn.Module:
-        return self.e.full
+        return self.w.slicer.full
 
     def release(self) -> None:
         pass
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return _opt_tensors(self.opt_state)
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], device=None) -> None:
+        for key, value in tensors.items():
+            kind, name, state_key = key.split("|")
+            if kind == "opt":
+                self.opt_state.setdefault(name, {})[state_key] = value.to(device)
 
 
 class AllToAllSync(_Strategy):
     """No rank keeps a full model: each stores its slabs and sends peers what they own next round."""
 
-    def __init__(self, engine, start_round: int = 0):
-        super().__init__(engine)
-        self.owner = engine.draw(start_round)   # the partition the slabs are laid out for
+    def __init__(self, worker, plan, grid, comm, optimizer_state: str, draw, start_round: int = 0):
+        super().__init__(worker, plan, grid, comm, optimizer_state, draw)
+        self.owner = draw(start_round)   # the partition the slabs are laid out for
         self.slabs: dict[tuple[str, str], torch.Tensor] = {}
         with torch.no_grad():
             for name in self.w.slicer.split_names:
@@ -213,8 +324,8 @@ class AllToAllSync(_Strategy):
     @torch.no_grad()
     def load(self, part: Partition) -> None:
         assert part.round_index == self.owner.round_index, "alltoall slabs are laid out for another round"
-        reset = self.e.optimizer_state == "reset"
-        if reset:
+        reset = self.optimizer_state == "reset" or self.w.optimizer is None
+        if self.w.optimizer is not None and self.optimizer_state == "reset":
             self.w.optimizer.state.clear()
         for (name, key), slab in self.slabs.items():
             rest = self._own_idx(part, name)[1:]
@@ -227,7 +338,7 @@ class AllToAllSync(_Strategy):
                 self.w.slicer.sub_tensors[name].copy_(read_slice(slab, rest))
         if not reset:
             for p, name in self.w.param_names.items():
-                for key, v in self.e.full_opt_state.get(name, {}).items():
+                for key, v in self.opt_state.get(name, {}).items():
                     self.w.optimizer.state[p][key] = v.clone()
 
     def _rows(self, name: str, units: torch.Tensor, among: torch.Tensor) -> torch.Tensor:
@@ -284,7 +395,7 @@ class AllToAllSync(_Strategy):
         for (name, key), mean in self.average_shared():
             self.sub_item(name, key).copy_(mean)
             if key:
-                self.e.full_opt_state.setdefault(name, {})[key] = mean.clone()
+                self.opt_state.setdefault(name, {})[key] = mean.clone()
         self.keep_scalar_state()
 
     @torch.no_grad()
@@ -318,7 +429,23 @@ class AllToAllSync(_Strategy):
             full[n].copy_(self.w.slicer.sub_tensors[n])
         for n in self.w.slicer.split_names:  # integer split buffers do not exist in timm CNNs
             assert full[n].numel() > 0, n
-        return self.e.full
+        return self.w.slicer.full
+
+    def state_dict(self, weights: bool = False) -> dict[str, torch.Tensor]:
+        """Carried optimizer state and this rank's slabs of it; with ``weights`` also the weights' slabs
+        (the recipe's checkpoints store the assembled model instead)."""
+        out = _opt_tensors(self.opt_state)
+        out.update({f"slab|{name}|{key}": v.detach().contiguous().cpu() for (name, key), v in self.slabs.items()
+                    if key or weights})
+        return out
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], device=None) -> None:
+        for key, value in tensors.items():
+            kind, name, state_key = key.split("|")
+            if kind == "opt":
+                self.opt_state.setdefault(name, {})[state_key] = value.to(device)
+            elif kind == "slab":
+                self.slabs[(name, state_key)] = value.to(device)
 
     def release(self) -> None:
         """Free the full model's split tensors again (a worker keeps only its sub-network and slabs)."""

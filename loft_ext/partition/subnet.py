@@ -164,7 +164,7 @@ class Slicer:
     """Moves values between the full model and one worker's sub-network for a given partition."""
 
     def __init__(self, plan: PartitionPlan, full: nn.Module, sub: nn.Module, worker: int):
-        self.plan, self.worker = plan, worker
+        self.plan, self.worker, self.full = plan, worker, full
         self.full_tensors = tensors_of(full)
         self.sub_tensors = tensors_of(sub)
         self.split_names = [n for n in self.full_tensors if n in plan.tensor_dims]

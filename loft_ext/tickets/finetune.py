@@ -1,7 +1,8 @@
 """Fine-tuning a ticket with its masks enforced, data-parallel over every process.
 
 Every rank holds the same ticket, so ordinary DDP (``accelerator.prepare``) is right here, unlike
-in LoFT pretraining. Masks are enforced by :class:`~loft_ext.tickets.masks.MaskEnforcer`.
+in LoFT pretraining. Masks are enforced by the :class:`~loft_ext.tickets.plugins.MaskEnforcement` plugin,
+which a user's own fine-tuning loop can use the same way.
 """
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from ..engine.loop import evaluate
-from .masks import MaskEnforcer
+from ..evaluation import evaluate
+from .plugins import MaskEnforcement
 
 OPTIMIZERS = ("sgd", "adamw")
 
@@ -37,15 +38,14 @@ def finetune(model: nn.Module, masks: dict[str, torch.Tensor], train_set, test_s
     weights, BatchNorm statistics as they were), and returns the same keys with ``steps`` 0."""
     t0 = time.time()
     model.to(accelerator.device, memory_format=memory_format)
-    enforcer = MaskEnforcer(model, masks)
-    enforcer.apply()
+    enforcement = MaskEnforcement(model, masks)
+    enforcement.start()
     if epochs == 0:
-        enforcer.remove()
+        enforcement.stop()
         metrics = {"epoch": 0, **evaluate(model, DataLoader(test_set, batch_size=eval_batch_size))}
         if log is not None:
             log(metrics)
         return {**metrics, "steps": 0, "wall_s": time.time() - t0}
-    enforcer.hook_gradients()
     opt = make_optimizer(optimizer, model.parameters(), lr, momentum, weight_decay)
     loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(seed))
@@ -66,13 +66,13 @@ def finetune(model: nn.Module, masks: dict[str, torch.Tensor], train_set, test_s
             opt.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             opt.step()
-            enforcer.after_step(inner)
+            enforcement.after_step(inner)
             step += 1
         metrics = {"epoch": epoch + 1, "train_loss": float(loss.detach()),
                    **evaluate(accelerator.unwrap_model(wrapped),
                               DataLoader(test_set, batch_size=eval_batch_size))}
         if log is not None:
             log(metrics)
-    enforcer.remove()
+    enforcement.stop()
     accelerator.free_memory()
     return {**metrics, "steps": step, "wall_s": time.time() - t0}

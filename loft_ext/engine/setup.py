@@ -1,0 +1,132 @@
+"""Set-up around a run: the Accelerator, the W&B tracker, DeepSpeed from the launcher, the run directory."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from datetime import timedelta
+
+import torch
+
+from ..checkpoint import CheckpointStore
+from ..errors import ConfigError
+from ..tracking import TrackingError, resolve_wandb_mode
+from .checkpointing import CHECKPOINT_DIR
+from .config import DeepSpeedHparams, OutputHparams
+
+
+def start_tracker(accelerator, out_hp: OutputHparams, mode: str, config: dict, default_group: str,
+                  job_type: str, name: str, run_dir: str, run_id: str | None = None) -> None:
+    """A W&B run through Accelerate (main process only): one group per experiment, one job per stage.
+    ``run_id`` names the W&B run (continued if it exists: a resumed pretraining)."""
+    accelerator.trackers = []  # a finished stage's tracker must not receive the next stage's logs
+    init = {"group": out_hp.wandb_group or default_group, "job_type": job_type, "name": name, "dir": run_dir,
+            "mode": mode, "reinit": "finish_previous"}
+    if run_id is not None:
+        init.update(id=run_id, resume="allow")
+    accelerator.init_trackers(out_hp.wandb_project, config=json.loads(json.dumps(config, default=list)),
+                              init_kwargs={"wandb": init})
+
+
+def tracker_mode(out_hp: OutputHparams) -> str:
+    """The W&B mode of the run ("disabled" without the tracker); refuses online without credentials."""
+    if out_hp.tracker != "wandb":
+        return "disabled"
+    try:
+        mode = resolve_wandb_mode(out_hp.wandb_mode)
+    except TrackingError as exc:
+        raise ConfigError(str(exc)) from None
+    os.environ.setdefault("WANDB_SILENT", "true")  # the run's own lines say where things are
+    return mode
+
+
+def start_accelerator(out_hp: OutputHparams, wandb: bool, collective_timeout: float = 1800.0):
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    cpu = out_hp.cpu or not torch.cuda.is_available()
+    check_mixed_precision(out_hp.mixed_precision, "cpu" if cpu else "cuda")
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout))
+    accelerator = Accelerator(cpu=cpu, mixed_precision=out_hp.mixed_precision,
+                              log_with="wandb" if wandb else None, kwargs_handlers=[timeout])
+    expected = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != expected:
+        raise ConfigError(
+            f"WORLD_SIZE={expected} but Accelerate started {accelerator.num_processes} process(es) with no "
+            "common process group; on CPU launch with `torchrun --nproc_per_node N` or "
+            "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N`")
+    return accelerator
+
+
+def deepspeed_from_launcher(ds_hp: DeepSpeedHparams | None) -> DeepSpeedHparams | None:
+    """``accelerate launch --use_deepspeed --deepspeed_config_file F`` turns on the DeepSpeed path with F.
+
+    Accelerate cannot hand DeepSpeed an mpu (it calls ``deepspeed.initialize`` itself in ``prepare``), so
+    loft_ext never lets it prepare the model: Accelerate starts the processes and owns the device, and
+    loft_ext builds each worker's engine with the LoFT mpu from the same config file."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() not in ("true", "1"):
+        return ds_hp
+    ds_hp = ds_hp or DeepSpeedHparams()
+    launched = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+    if not launched:
+        raise ConfigError("accelerate launch --use_deepspeed needs --deepspeed_config_file ds_configs/<config>.json: "
+                          "loft_ext builds the engines itself (with the LoFT mpu) from an explicit config")
+    if ds_hp.deepspeed_config and os.path.abspath(ds_hp.deepspeed_config) != os.path.abspath(launched):
+        raise ConfigError(f"--deepspeed_config {ds_hp.deepspeed_config} conflicts with accelerate launch "
+                          f"--deepspeed_config_file {launched}; pass one of them")
+    return dataclasses.replace(ds_hp, deepspeed=True, deepspeed_config=launched)
+
+
+def check_mixed_precision(mixed_precision: str, device_type: str, bf16_supported: bool | None = None) -> None:
+    """Refuse bf16 on a GPU without bf16 support (pre-Ampere) instead of failing inside a kernel."""
+    if mixed_precision != "bf16" or device_type != "cuda":
+        return
+    if bf16_supported is None:
+        bf16_supported = torch.cuda.is_bf16_supported()
+    if not bf16_supported:
+        name = torch.cuda.get_device_name() if torch.cuda.is_available() else "this GPU"
+        raise ConfigError(f"--mixed_precision bf16 needs a GPU with bf16 support (compute capability >= 8.0); "
+                          f"{name} has none: use --mixed_precision no")
+
+
+def prepare_run_dir(output_dir: str, name: str, force: bool, resume: str = "") -> tuple[str, bool]:
+    """(run directory, already finished?). Nothing of value is ever overwritten: a finished run, or an
+    unfinished one with checkpoints when not resuming, is refused unless ``force``, which renames it to
+    <dir>.old-N first."""
+    run_dir = os.path.join(output_dir, name)
+    done = os.path.exists(os.path.join(run_dir, "summary.json"))
+    checkpoints = CheckpointStore(os.path.join(run_dir, CHECKPOINT_DIR)).complete()
+    if not done and checkpoints and not resume and not force:
+        raise ConfigError(f"{run_dir} holds checkpoints of an unfinished run (up to {checkpoints[-1]}); pass "
+                          "--resume latest to continue it, or --force to start over (the old directory is kept, "
+                          "renamed)")
+    if (done or checkpoints) and force and not resume:
+        n = 1
+        while os.path.exists(f"{run_dir}.old-{n}"):
+            n += 1
+        shutil.move(run_dir, f"{run_dir}.old-{n}")
+        done = False
+    if not done:
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+            probe = os.path.join(run_dir, f".write-test-{os.getpid()}")
+            with open(probe, "w"):
+                pass
+            os.remove(probe)
+        except OSError as exc:
+            raise ConfigError(f"cannot write the run directory {run_dir!r} ({exc.strerror}); "
+                              "pass a writable --output_dir") from None
+    return run_dir, done
+
+
+def truncate_logs(run_dir: str, rounds_done: int) -> None:
+    """Keep only log lines of rounds up to ``rounds_done`` (a resumed run rewrites the rest)."""
+    for log in ("metrics.jsonl", "rounds.jsonl"):
+        path = os.path.join(run_dir, log)
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            lines = [line for line in f if line.strip() and json.loads(line)["step"] <= rounds_done]
+        with open(path, "w") as f:
+            f.writelines(lines)
