@@ -5,7 +5,9 @@
   a fixed stratified 80/20 train/test split.
 - ``cifar10`` / ``cifar100`` / ``fashion_mnist``: torchvision's on-disk layout under ``--data_dir``
   (``cifar-10-batches-py/``, ``cifar-100-python/``, ``FashionMNIST/raw/``); never downloaded.
-- ``imagefolder``: ``<data_dir>/train/<class>/*`` and ``<data_dir>/val/<class>/*`` (or ``test/``).
+- ``imagefolder``: ``<data_dir>/train/<class>/*`` and ``<data_dir>/val/<class>/*`` (or ``test/``), the
+  same class folders in both, none empty; unreadable image files are refused, skipped or replaced
+  (``--bad_images``, loft_ext/images.py).
 
 Worker orders (``data_order``): ``own-shuffle`` gives every worker its own shuffled order of the whole
 training set each epoch (the release); ``shard`` gives worker s a fixed disjoint 1/S of it, reshuffled
@@ -25,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 from loft_ext.errors import ConfigError
+from loft_ext.images import (BAD_IMAGE_POLICIES, ReplaceUnreadable, check_layout, check_not_empty, drop_samples,
+                             list_bad, scan_images)
 
 DATASETS = ("digits", "cifar10", "cifar100", "fashion_mnist", "imagefolder")
 DATA_ORDERS = ("own-shuffle", "shard")
@@ -43,6 +47,7 @@ class DataBundle:
     image_size: int
     name: str
     augmented: bool = False  # the training transform draws random numbers
+    images_skipped: int = 0  # unreadable files left out (--bad_images skip)
 
 
 class SeededSamples(Dataset):
@@ -95,8 +100,9 @@ def _require_dir(path: str, dataset: str, layout: str) -> None:
 
 
 def load_dataset(name: str, data_dir: str = "", image_size: int | None = None,
-                 augment: bool = True) -> DataBundle:
-    """Build the train and test sets of ``name``; see the module docstring for the layouts."""
+                 augment: bool = True, bad_images: str = "refuse") -> DataBundle:
+    """Build the train and test sets of ``name``; see the module docstring for the layouts.
+    ``bad_images`` (imagefolder): what to do with files that cannot be read as images (loft_ext/images.py)."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if name == "digits":
@@ -136,11 +142,35 @@ def load_dataset(name: str, data_dir: str = "", image_size: int | None = None,
     split_dirs = [d for d in ("val", "test") if os.path.isdir(os.path.join(data_dir, d))]
     if not os.path.isdir(os.path.join(data_dir, "train")) or not split_dirs:
         raise DataError(f"{data_dir!r} must hold train/<class>/* and val/<class>/* (or test/) for --dataset imagefolder")
+    if bad_images not in BAD_IMAGE_POLICIES:
+        raise DataError(f"unknown --bad_images {bad_images!r}; choose one of {', '.join(BAD_IMAGE_POLICIES)}")
+    # defects are refused before anything runs (loft_ext/images.py): class folders, then image files
+    check_layout(data_dir, ["train", split_dirs[0]], DataError)
     aug = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()] if augment else [T.Resize(size), T.CenterCrop(size)]
-    train = tvd.ImageFolder(os.path.join(data_dir, "train"), transform=T.Compose(aug + [T.ToTensor(), norm]))
+    train = tvd.ImageFolder(os.path.join(data_dir, "train"), transform=T.Compose(aug + [T.ToTensor(), norm]),
+                            allow_empty=True)
     test = tvd.ImageFolder(os.path.join(data_dir, split_dirs[0]),
-                           transform=T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), norm]))
-    return DataBundle(train, test, len(train.classes), 3, size, name, augmented=augment)
+                           transform=T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(), norm]),
+                           allow_empty=True)
+    check_not_empty({"train": train, split_dirs[0]: test}, data_dir, DataError)
+    skipped = 0
+    if bad_images != "replace":
+        bad = scan_images([p for p, _ in train.samples] + [p for p, _ in test.samples])
+        if bad and bad_images == "refuse":
+            raise DataError(f"{len(bad)} of {len(train) + len(test)} image files under {data_dir} cannot be read: "
+                            f"{list_bad(bad, data_dir)}; remove or replace them, or pass --bad_images skip "
+                            "(leave them out) or replace (draw another sample when one fails)")
+        skipped = drop_samples(train, bad) + drop_samples(test, bad)
+        check_not_empty({"train": train, split_dirs[0]: test}, data_dir, DataError)
+    return DataBundle(ReplaceUnreadable(train), ReplaceUnreadable(test, "test"), len(train.classes), 3, size, name,
+                      augmented=augment, images_skipped=skipped)
+
+
+def data_health(data: DataBundle) -> dict:
+    """Unreadable images of the run: left out by the scan (``--bad_images skip``), and replaced at run
+    time (counted in this process, across its DataLoader workers)."""
+    replaced = sum(getattr(d, "replaced", 0) for d in (data.train, data.test))
+    return {"images_skipped": data.images_skipped, "samples_replaced": replaced}
 
 
 class WorkerSampler(Sampler[int]):

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 COLUMNS = [("method", "method", "{}"), ("model", "model", "{}"), ("S", "S", "{}"), ("D", "D", "{}"),
-           ("epochs", "pre-ep", "{:g}"), ("detector_round", "fired@", "{}"), ("ticket", "ticket", "{}"),
+           ("epochs", "pre-ep", "{:g}"), ("samples_per_worker", "samples/wkr", "{:d}"),
+           ("samples_total", "samples", "{:d}"), ("detector_round", "fired@", "{}"), ("ticket", "ticket", "{}"),
            ("score", "score", "{}"), ("ratio", "ratio", "{:g}"), ("kept_params", "params(M)", "{:.3f}"),
            ("kept_flops", "GFLOPs", "{:.3f}"), ("test_acc", "test acc", "{:.2%}"),
            ("pretrain_bytes", "pre MiB", "{:.1f}"), ("total_bytes", "total MiB", "{:.1f}"),

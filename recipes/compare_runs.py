@@ -3,6 +3,11 @@
 
   python recipes/compare_runs.py runs/*            every run under runs/
   python recipes/compare_runs.py RUN_DIR --sort test_acc
+
+Per run: samples/wkr (training samples one worker process passed in pretraining) and samples (all S x D
+of them), so rows with different budgets are visible: dense on N processes is data parallel (N-times
+larger global batch, 1/N of the steps per epoch), LoFT with S=N gives every worker the whole epoch.
+pre MiB sums every pretraining phase that sent bytes (docs/usage.md, "Comparing tickets").
 """
 import argparse
 import json

@@ -44,3 +44,22 @@ def write_noise_imagefolder(root, per_class=12, size=40, classes=("a", "b")):
             for i in range(per_class):
                 Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     return root
+
+
+def check_pretrain_bytes(run_dir, row, table=None):
+    """The ticket row's pre MiB is every pretraining phase rank 0 sent bytes in (its comm-rank0.json
+    counters), with the breakdown per phase; ``table``: the printed table, whose pre MiB cell must agree."""
+    import json
+
+    measured = json.loads((run_dir / "comm-rank0.json").read_text())["measured"]
+    phases = {p: c["bytes_sent"] for p, c in measured.items() if c["bytes_sent"] > 0}
+    assert row["pretrain_bytes_by_phase"] == phases
+    assert row["pretrain_bytes"] == sum(phases.values()) > 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["pretrain_bytes"] == row["pretrain_bytes"]
+    if table is not None:
+        lines = table.splitlines()
+        at = max(i for i, line in enumerate(lines) if "pre MiB" in line)
+        end = lines[at].index("pre MiB") + len("pre MiB")  # cells are right-aligned under their title
+        assert lines[at + 1][:end].split()[-1] == f"{row['pretrain_bytes'] / 2 ** 20:.1f}"
+    return phases

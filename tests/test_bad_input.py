@@ -76,6 +76,48 @@ def _truncate(out):
     return [str(ckpt)]
 
 
+def _imagefolder(tmp, per_class=2, size=8):
+    from conftest import write_noise_imagefolder
+    return write_noise_imagefolder(tmp / "images", per_class=per_class, size=size)
+
+
+def _class_only_in_val(out, tmp):
+    root = _imagefolder(tmp)
+    (root / "val" / "c").mkdir()
+    (root / "val" / "c" / "0.png").write_bytes((root / "val" / "a" / "0.png").read_bytes())
+    return ["--data_dir", str(root)]
+
+
+def _empty_class_folder(out, tmp):
+    root = _imagefolder(tmp)
+    for f in (root / "train" / "b").iterdir():
+        f.unlink()
+    return ["--data_dir", str(root)]
+
+
+def _no_class_folders(out, tmp):
+    for split in ("train", "val"):
+        (tmp / "images" / split).mkdir(parents=True)
+    return ["--data_dir", str(tmp / "images")]
+
+
+def _unreadable_images(out, tmp):
+    root = _imagefolder(tmp)
+    png = (root / "train" / "a" / "0.png").read_bytes()
+    (root / "train" / "a" / "truncated.png").write_bytes(png[: len(png) // 2])
+    (root / "val" / "b" / "notes.jpg").write_text("not an image")
+    return ["--data_dir", str(root)]
+
+
+def _corrupt_inside(png: bytes) -> bytes:
+    """A PNG whose signature and end marker are intact but whose pixel data is garbage: the header scan
+    passes it, decoding fails (a file damaged after the scan behaves the same)."""
+    start = png.index(b"IDAT") + 8
+    return png[:start] + bytes(b ^ 0x5A for b in png[start:start + 40]) + png[start + 40:]
+
+
+IMAGEFOLDER = ["--dataset", "imagefolder"]
+
 # (flags, the message, optional setup(out, tmp_path) -> extra flags)
 CASES = {
     "unknown_model": (["--model", "resnet18x"], "unknown timm model 'resnet18x'; did you mean", None),
@@ -130,6 +172,11 @@ CASES = {
     "negative_lr": (["--lr", "-1"], "--lr must be > 0", None),
     "lr_milestones_outside_the_run": (["--lr_milestones", "0.5,2"], "--lr_milestones are fractions", None),
     "keep_no_checkpoints": (["--keep_checkpoints", "0"], "--keep_checkpoints must be >= 1", None),
+    "imagefolder_class_only_in_val": (IMAGEFOLDER, "the class folders of train/ and val/ differ (only in train/: "
+                                      "none; only in val/: c)", _class_only_in_val),
+    "imagefolder_empty_class_folder": (IMAGEFOLDER, "class folder(s) with no image files", _empty_class_folder),
+    "imagefolder_without_class_folders": (IMAGEFOLDER, "holds no class folders", _no_class_folders),
+    "imagefolder_unreadable_images": (IMAGEFOLDER, "2 of 10 image files under", _unreadable_images),
 }
 
 
@@ -184,3 +231,86 @@ def test_world_size_not_a_multiple_of_workers(tmp_path):
     assert "error: world size 2 is not a multiple of S=3 filter workers: launch 3, 6, 9, 12, ... processes" \
         in proc.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_unreadable_image_list_names_every_file(tmp_path):
+    from loft_ext.data import DataError, load_dataset
+
+    with pytest.raises(DataError) as info:
+        load_dataset("imagefolder", _unreadable_images(None, tmp_path)[1], 8)
+    assert "train/a/truncated.png (OSError: image file is truncated)" in str(info.value)
+    assert "val/b/notes.jpg (UnidentifiedImageError" in str(info.value)
+
+
+def test_bad_images_skip_and_a_file_that_breaks_mid_run_is_replaced(tmp_path, capsys):
+    """--bad_images skip leaves out what the scan finds; a file the scan passes but that cannot be decoded
+    is replaced by another sample at every draw (in the loader process too), and the run finishes."""
+    root = _imagefolder(tmp_path, per_class=8, size=16)
+    png = (root / "train" / "a" / "0.png").read_bytes()
+    (root / "train" / "a" / "truncated.png").write_bytes(png[: len(png) // 2])
+    (root / "train" / "b" / "damaged.png").write_bytes(_corrupt_inside(png))
+    flags = [*TINY, *IMAGEFOLDER, "--data_dir", str(root), "--batch_size", "8", "--rounds", "3",
+             "--local_steps", "2", "--data_workers", "1", "--bad_images", "skip", "--output_dir", str(tmp_path / "o")]
+    assert main(flags) == 0
+    (run,) = [p for p in (tmp_path / "o").iterdir() if p.is_dir()]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["images_skipped"] == 1 and summary["rounds_done"] == 3
+    # 17 training files, 16 steps x 8 samples over 2 workers: each worker's first epoch draws damaged.png
+    assert summary["samples_replaced"] >= 2
+    err = capsys.readouterr().err
+    assert "warning: cannot read" in err and "damaged.png" in err
+
+
+def test_too_many_unreadable_images_mid_run_end_it_with_one_line(tmp_path, capsys):
+    root = _imagefolder(tmp_path, per_class=8, size=16)
+    png = (root / "train" / "a" / "0.png").read_bytes()
+    for i in range(11):  # the scan passes them; more than 10 (1% of the set, at least 10) fail to decode
+        (root / "train" / ("a", "b")[i % 2] / f"damaged{i}.png").write_bytes(_corrupt_inside(png))
+    flags = [*TINY, *IMAGEFOLDER, "--data_dir", str(root), "--batch_size", "8", "--output_dir", str(tmp_path / "o")]
+    assert main(flags) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: more than 10 training images could not be read during the run"), last
+    assert "Last good checkpoint: none" in last
+
+
+def test_finetune_epochs_zero_reports_the_untrained_tickets_accuracy(previous, capsys):
+    """--finetune_epochs 0: the ticket is evaluated as pruned (its one-shot accuracy), not trained."""
+    import torch
+    from safetensors.torch import load_file
+    from torch.utils.data import DataLoader
+
+    from loft_ext.data import load_dataset
+    from loft_ext.evaluation import evaluate
+    from loft_ext.models import create_model
+
+    assert main([*TINY, "--ratios", "0.5", "--finetune_epochs", "0", "--output_dir", str(previous)]) == 0
+    assert "one-shot (not fine-tuned): test acc" in capsys.readouterr().out
+    (run,) = [p for p in previous.iterdir() if p.is_dir()]
+    (row,) = json.loads((run / "summary.json").read_text())["ticket_rows"]
+    assert row["finetune_bytes"] == 0 and row["total_bytes"] == row["pretrain_bytes"]
+    tdir = run / os.path.relpath(row["dir"], str(run))
+    pretrained, masks = load_file(str(run / "model.safetensors")), load_file(str(tdir / "masks.safetensors"))
+    ticket = load_file(str(tdir / "finetuned.safetensors"))
+    for name, w in ticket.items():  # the pretrained weights, pruned, nothing else changed
+        expected = pretrained[name] * masks[name] if name in masks else pretrained[name]
+        assert torch.equal(w, expected), name
+    model = create_model("resnet18", 10, 1)
+    model.load_state_dict(ticket)
+    data = load_dataset("digits", image_size=16)
+    assert row["test_acc"] == evaluate(model, DataLoader(data.test, batch_size=256))["test_acc"]
+
+
+def test_an_unexpected_error_is_one_line_naming_its_traceback_file(tmp_path, capsys):
+    from loft_ext.errors import report_failure
+
+    try:
+        {}["test_acc"]  # what --finetune_epochs 0 used to end in
+    except KeyError as exc:
+        status = report_failure(exc, str(tmp_path))
+    assert status == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: unexpected KeyError: 'test_acc'; traceback in ")
+    path = err.strip().rsplit("traceback in ", 1)[1]
+    assert os.path.dirname(path) == str(tmp_path / "errors") and path.endswith("-rank0.log")
+    text = open(path).read()
+    assert text.startswith("Traceback (most recent call last):") and "KeyError: 'test_acc'" in text

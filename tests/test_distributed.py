@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import check_pretrain_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "recipes", "loft_timm.py")
@@ -117,7 +118,9 @@ def test_four_workers_alltoall_moves_under_a_third_of_allgather(tmp_path):
 
 
 def test_replicas_stay_identical_and_workers_differ(tmp_path):
-    proc = _launch("torchrun", 4, FAST + ["--workers", "2", "--rounds", "2"], tmp_path)
+    # one ticket, evaluated untrained (--finetune_epochs 0), for the ticket table's byte count
+    proc = _launch("torchrun", 4, FAST + ["--workers", "2", "--rounds", "2", "--ratios", "0.5",
+                                          "--finetune_epochs", "0"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "4 processes = S=2 x D=2" in proc.stdout
     run_dir = _run_dir(tmp_path)
@@ -137,6 +140,35 @@ def test_replicas_stay_identical_and_workers_differ(tmp_path):
     # DDP all-reduces in buckets (one or more per step; it rebuilds them after the first step): the bytes
     # equal the analytic count of one all-reduce of every gradient per step
     assert dp["calls"] >= 4 and dp["bytes_sent"] == pytest.approx(report["analytic"]["dp_grad"]["bytes_sent"])
+    # LoFT S=2 D=2: pre MiB counts the replicas' gradients next to the sync
+    (row,) = json.loads((run_dir / "summary.json").read_text())["ticket_rows"]
+    phases = check_pretrain_bytes(run_dir, row, proc.stdout)
+    assert phases["dp_grad"] == dp["bytes_sent"] and phases["sync"] == report["measured"]["sync"]["bytes_sent"]
+    assert (row["samples_per_worker"], row["samples_total"]) == (2 * 2 * 32, 4 * 2 * 2 * 32)
+
+
+def test_dense_on_two_processes_is_data_parallel_and_the_table_counts_its_gradients(tmp_path):
+    """--method dense on 2 processes: S=1 x D=2, a global batch of 2 x 32 and half the steps per epoch;
+    its traffic is the gradient all-reduce, and the table (and compare_runs) shows all of it."""
+    proc = _launch("torchrun", 2, FAST + ["--method", "dense", "--rounds", "2", "--ratios", "0.5", "--finetune_epochs",
+                                          "0", "--image_size", "16", "--distance_layers", "none",
+                                          "--earlybird", "false"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # digits: 1437 training samples; each replica takes 718 of them, 22 batches of 32 (one process: 44)
+    assert "S=1 L=2 rounds=2 (11/epoch); 2 processes = S=1 x D=2" in proc.stdout
+    run_dir = _run_dir(tmp_path)
+    (row,) = json.loads((run_dir / "summary.json").read_text())["ticket_rows"]
+    phases = check_pretrain_bytes(run_dir, row, proc.stdout)
+    report = _comm(run_dir, 0)
+    assert phases["dp_grad"] == pytest.approx(report["analytic"]["dp_grad"]["bytes_sent"])
+    assert phases["dp_grad"] > 0.9 * row["pretrain_bytes"]  # the sync phase alone said almost nothing
+    assert (row["samples_per_worker"], row["samples_total"]) == (2 * 2 * 32, 2 * 2 * 2 * 32)
+    table = subprocess.run([sys.executable, os.path.join(ROOT, "recipes", "compare_runs.py"), str(run_dir)],
+                           capture_output=True, text=True, cwd=ROOT, env=ENV)
+    header, line = table.stdout.splitlines()[:2]
+    assert "samples/wkr" in header and line.split()[:6] == ["dense", "resnet18", "1", "2", "0.18", "128"]
+    assert line.split()[6] == "256"
+    check_pretrain_bytes(run_dir, row, table.stdout)
 
 
 def test_accelerate_launch_trains(tmp_path, monkeypatch):

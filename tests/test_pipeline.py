@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import check_pretrain_bytes
 from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,6 +62,10 @@ def test_pipeline_on_two_processes_keeps_pruned_weights_zero(tmp_path):
     (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     (row,) = json.loads((run_dir / "summary.json").read_text())["ticket_rows"]
     assert row["S"] == 2 and row["pretrain_bytes"] > 0 and row["total_bytes"] > row["pretrain_bytes"]
+    # LoFT S=2 D=1: pre MiB is every phase that moved bytes, as comm-rank0.json counted them
+    phases = check_pretrain_bytes(run_dir, row, proc.stdout)
+    assert {"sync", "metric"} <= set(phases) and "dp_grad" not in phases  # allgather: nothing to assemble
+    assert (row["samples_per_worker"], row["samples_total"]) == (6 * 2 * 32, 2 * 6 * 2 * 32)
     tdir = run_dir / os.path.relpath(row["dir"], str(run_dir))
     masks, weights = load_file(str(tdir / "masks.safetensors")), load_file(str(tdir / "finetuned.safetensors"))
     assert all((weights[n][~m] == 0).all() for n, m in masks.items())

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from ..data import DATA_ORDERS, DATASETS
 from ..errors import ConfigError
+from ..images import BAD_IMAGE_POLICIES
 from ..hparams import Hparams, field
 from ..parallel.ds import CLIP_MODES
 from ..parallel.sync import OPTIMIZER_STATE_MODES, STRATEGIES
@@ -38,6 +39,10 @@ class DataHparams(Hparams):
     data_order: str = field("own-shuffle", "own-shuffle: each worker its own order of the full set "
                             "(the release); shard: disjoint 1/S shards", DATA_ORDERS)
     augment: bool = field(True, "random crop/flip for cifar and imagefolder training sets")
+    bad_images: str = field("refuse", "imagefolder files that cannot be read as images: refuse (a scan before "
+                            "training lists them, exit 2), skip (the scan leaves them out, counted as "
+                            "images_skipped) or replace (no scan); at run time a file that fails to decode is "
+                            "always replaced by another sample (samples_replaced)", BAD_IMAGE_POLICIES)
 
 
 @dataclass

@@ -18,8 +18,9 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..budget import row_budget
 from ..checkpoint import write_json_atomic
-from ..data import load_dataset
+from ..data import data_health, load_dataset
 from ..hparams import Hparams, field, hparams_hash
 from ..models import create_model
 from ..partition.plan import make_plan
@@ -57,7 +58,8 @@ class TicketHparams(Hparams):
                         "weights), init (the initial weights) or round (the weights after --rewind_round)",
                         ("none", "init", "round"))
     rewind_round: int = field(0, "with --rewind round: the pretraining round whose weights are saved and used")
-    finetune_epochs: int = field(2, "fine-tuning epochs per ticket")
+    finetune_epochs: int = field(2, "fine-tuning epochs per ticket; 0 = evaluate each ticket as pruned, "
+                                 "untrained (its one-shot accuracy)")
     finetune_lr: float = field(0.01, "fine-tuning learning rate (cosine annealed)")
     finetune_optimizer: str = field("sgd", "fine-tuning optimizer (sgd: momentum and weight decay of the "
                                     "training flags; adamw)", OPTIMIZERS)
@@ -127,7 +129,8 @@ def run_pipeline(model_hp, data_hp, loft_hp, train_hp, det_hp, out_hp, ticket_hp
     main = accelerator.is_main_process
     say = print_fn if main else (lambda *a, **k: None)
     validate(model_hp, data_hp, loft_hp, train_hp, det_hp)  # cheap checks before the data set is read
-    data = load_dataset(data_hp.dataset, data_hp.data_dir, data_hp.image_size or None, data_hp.augment)
+    data = load_dataset(data_hp.dataset, data_hp.data_dir, data_hp.image_size or None, data_hp.augment,
+                        data_hp.bad_images)
     if ticket_hp.ratios and len(data.train) < ticket_hp.finetune_batch_size:  # not only after pretraining
         raise ConfigError(f"the training set has {len(data.train)} samples, fewer than one fine-tuning batch of "
                           f"--finetune_batch_size {ticket_hp.finetune_batch_size}; lower it (or pass "
@@ -179,7 +182,8 @@ def run_pipeline(model_hp, data_hp, loft_hp, train_hp, det_hp, out_hp, ticket_hp
             f"{report['params_total'] / 1e6:.3f}M parameters; fine-tuning {ticket_hp.finetune_epochs} epochs",
             flush=True)
         def log(m, ratio=ratio):
-            say(f"  ticket r={ratio:g} fine-tune epoch {m['epoch']}: test acc {100 * m['test_acc']:.2f}%", flush=True)
+            what = f"fine-tune epoch {m['epoch']}" if m["epoch"] else "one-shot (not fine-tuned)"
+            say(f"  ticket r={ratio:g} {what}: test acc {100 * m['test_acc']:.2f}%", flush=True)
             steps[0] += 1  # one W&B step per fine-tuning epoch, increasing across tickets
             logger.log({f"ticket_r{ratio:g}/{k}": v for k, v in m.items()}, step=steps[0], kind="ticket")
 
@@ -199,7 +203,7 @@ def run_pipeline(model_hp, data_hp, loft_hp, train_hp, det_hp, out_hp, ticket_hp
             "params": report["params_total"], "kept_params": report["params_kept"],
             "flops": dense_flops, "kept_flops": dense_flops,
             "test_acc": result["test_acc"], "pretrain_test_acc": pre.get("test_acc"),
-            "pretrain_bytes": pre.get("sync_bytes_sent", 0.0),
+            **row_budget(pre),  # pretrain_bytes: every phase that moved bytes (loft_ext/budget.py)
             # fine-tuning is DDP: a ring all-reduce of every gradient per step moves 2 (W-1)/W of them
             "finetune_bytes": 2 * (world - 1) / world * 4 * report["params_total"] * result["steps"],
             "pretrain_wall_s": pre.get("wall_s"), "prune_wall_s": t_prune, "finetune_wall_s": result["wall_s"],
@@ -221,7 +225,7 @@ def run_pipeline(model_hp, data_hp, loft_hp, train_hp, det_hp, out_hp, ticket_hp
             dist.barrier()
     columns = ["method", "model", "S", "L", "D", "rounds", "epochs", "detector", "detector_round", "ticket",
                "score", "ratio", "params", "kept_params", "flops", "kept_flops", "test_acc", "pretrain_bytes",
-               "total_bytes", "pretrain_wall_s", "finetune_wall_s"]
+               "total_bytes", "samples_per_worker", "samples_total", "pretrain_wall_s", "finetune_wall_s"]
     logger.log_table("tickets", columns, [[r.get(c) for c in columns] for r in rows], step=steps[0] + 1)
     logger.close()
     if main:
@@ -231,6 +235,8 @@ def run_pipeline(model_hp, data_hp, loft_hp, train_hp, det_hp, out_hp, ticket_hp
         merged = {r["dir"]: r for r in summary.get("ticket_rows", [])}  # tickets of earlier calls stay
         merged.update({r["dir"]: r for r in rows})
         summary["ticket_rows"] = list(merged.values())
+        if not pre.get("skipped"):  # unreadable images of pretraining and fine-tuning
+            summary.update(data_health(data))
         write_json_atomic(summary_path, summary)
     say("\n" + format_table(rows))
     return {**pre, "ticket_rows": rows}

@@ -19,8 +19,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from ..budget import pretrain_budget
 from ..checkpoint import CheckpointError, CheckpointStore, write_json_atomic
-from ..data import BatchStream, DataBundle, load_dataset
+from ..data import BatchStream, DataBundle, data_health, load_dataset
 from ..errors import ConfigError, Preempted, TrainingFailure
 from ..hparams import hparams_hash
 from ..models import create_model
@@ -134,7 +135,8 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
             raise ConfigError("--optimizer_state carry needs zero_optimization.stage 0 under DeepSpeed (ZeRO "
                               "keeps optimizer state in flat partitions); use reset or a stage-0 config")
         data_hp = dataclasses.replace(data_hp, batch_size=ds_cfg["train_micro_batch_size_per_gpu"])
-    data = data or load_dataset(data_hp.dataset, data_hp.data_dir, data_hp.image_size or None, data_hp.augment)
+    data = data or load_dataset(data_hp.dataset, data_hp.data_dir, data_hp.image_size or None, data_hp.augment,
+                                data_hp.bad_images)
     # everything that can refuse the run happens before the run directory is touched
     torch.manual_seed(train_hp.seed)
     model = create_model(model_hp.model, data.num_classes, data.in_chans)
@@ -304,6 +306,8 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
                "rounds_done": loop.state.round_index, "epochs_done": loop.state.round_index / rounds_per_epoch,
                "workers": workers, "local_steps": loft_hp.local_steps, "replicas": replicas,
                "method": loft_hp.method, "sync_bytes_sent": sync.sent if sync else 0.0,
+               **pretrain_budget(engine.comm.totals(), loop.state.round_index, loft_hp.local_steps,
+                                 data_hp.batch_size, workers, replicas), **data_health(data),
                "wall_s": time.time() - t_start}
     if main:
         save_weights(final, os.path.join(run_dir, "model.safetensors"))

@@ -32,11 +32,20 @@ def finetune(model: nn.Module, masks: dict[str, torch.Tensor], train_set, test_s
              epochs: int, lr: float, batch_size: int, optimizer: str = "sgd", momentum: float = 0.9,
              weight_decay: float = 5e-4, seed: int = 0, eval_batch_size: int = 256,
              memory_format: torch.memory_format = torch.contiguous_format, log=None) -> dict:
-    """Cosine-annealed fine-tuning for ``epochs``; returns the final test metrics and the wall time."""
+    """Cosine-annealed fine-tuning for ``epochs``; returns the final test metrics and the wall time.
+
+    ``epochs=0`` evaluates the ticket as pruned, without training it (its one-shot accuracy: the pruned
+    weights, BatchNorm statistics as they were), and returns the same keys with ``steps`` 0."""
     t0 = time.time()
     model.to(accelerator.device, memory_format=memory_format)
     enforcement = MaskEnforcement(model, masks)
     enforcement.start()
+    if epochs == 0:
+        enforcement.stop()
+        metrics = {"epoch": 0, **evaluate(model, DataLoader(test_set, batch_size=eval_batch_size))}
+        if log is not None:
+            log(metrics)
+        return {**metrics, "steps": 0, "wall_s": time.time() - t0}
     opt = make_optimizer(optimizer, model.parameters(), lr, momentum, weight_decay)
     loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(seed))
