@@ -69,6 +69,11 @@ _MUL_METHODS = {"mul", "mul_"}
 _DIV_FUNCTIONS = {operator.truediv, operator.itruediv, torch.div}
 _DIV_METHODS = {"div", "div_"}
 _CAT_FUNCTIONS = {torch.cat, torch.concat, torch.stack}
+# ops that cut a tensor into pieces (a tuple of tensors, or one piece for narrow / slicing)
+_SPLIT_FUNCTIONS = {torch.split, torch.chunk, torch.tensor_split, torch.narrow, torch.unbind,
+                    torch.split_with_sizes, torch.hsplit, torch.vsplit, torch.dsplit}
+_SPLIT_METHODS = {"split", "chunk", "tensor_split", "narrow", "unbind", "split_with_sizes",
+                  "unsafe_split", "hsplit", "vsplit", "dsplit"}
 
 
 @dataclass(frozen=True)
@@ -174,9 +179,23 @@ def _norm_act_is_per_channel(m: nn.Module) -> bool:
     return True
 
 
+def _piece_shapes(node: fx.Node) -> list[torch.Size]:
+    """Output shapes of a node returning a tuple/list of tensors (e.g. torch.split)."""
+    meta = node.meta.get("tensor_meta")
+    if isinstance(meta, (tuple, list)):
+        return [m.shape for m in meta if hasattr(m, "shape")]
+    return []
+
+
+def _op_name(node: fx.Node) -> str:
+    t = node.target
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
+
 class _Analysis:
-    def __init__(self, model: nn.Module, gm: fx.GraphModule):
+    def __init__(self, model: nn.Module, gm: fx.GraphModule, model_name: str | None = None):
         self.model = model
+        self.model_name = model_name or type(model).__name__
         self.gm = gm
         self.modules = dict(model.named_modules())
         self.spaces: list[ChannelSpace] = []
@@ -252,23 +271,35 @@ class _Analysis:
     # node rules -------------------------------------------------------------------------------
     def run(self) -> list[ChannelSpace]:
         for node in self.gm.graph.nodes:
-            out = None
-            if node.op == "placeholder":
-                shape = _shape(node)
-                if shape is not None and len(shape) >= 2:
-                    out = self.new_space("", int(shape[1]))
-                    self.barrier(out, "model input")
-            elif node.op == "call_module":
-                out = self.call_module(node)
-            elif node.op in ("call_function", "call_method"):
-                out = self.call_function(node)
-            elif node.op == "output":
-                for arg in node.all_input_nodes:
-                    self.barrier(self.space(arg), "reaches the model output")
-            if out is not None:
-                self.space_of[node] = out
+            try:
+                self.visit(node)
+            except PartitionError:
+                raise
+            except Exception as exc:  # never a traceback from the analysis: one sentence naming the op
+                op = node.target if isinstance(node.target, str) else _op_name(node)
+                raise PartitionError(
+                    f"the channel analysis of {self.model_name} failed at graph node {node.name!r} "
+                    f"({node.op} {op}): {type(exc).__name__}: {str(exc).strip()[:200]}; this model "
+                    "cannot be partitioned (use S=1, or report the model)") from exc
         roots = sorted({self.find(i) for i in range(len(self.spaces))})
         return [self.spaces[r] for r in roots]
+
+    def visit(self, node: fx.Node) -> None:
+        out = None
+        if node.op == "placeholder":
+            shape = _shape(node)
+            if shape is not None and len(shape) >= 2:
+                out = self.new_space("", int(shape[1]))
+                self.barrier(out, "model input")
+        elif node.op == "call_module":
+            out = self.call_module(node)
+        elif node.op in ("call_function", "call_method"):
+            out = self.call_function(node)
+        elif node.op == "output":
+            for arg in node.all_input_nodes:
+                self.barrier(self.space(arg), "reaches the model output")
+        if out is not None:
+            self.space_of[node] = out
 
     def call_module(self, node: fx.Node) -> int | None:
         name = node.target
@@ -357,12 +388,18 @@ class _Analysis:
         what = target if isinstance(target, str) else getattr(target, "__name__", str(target))
         tensor_args = [a for a in node.all_input_nodes if _shape(a) is not None]
         channel_args = [a for a in tensor_args if self.space(a) is not None]
-        if _shape(node) is None:
-            return None  # size/shape/dim queries and the like carry no channel data
         if not channel_args:
             return None
         s_first = self.space(channel_args[0])
         is_method = node.op == "call_method"
+        split = (target in _SPLIT_METHODS) if is_method else (target in _SPLIT_FUNCTIONS)
+        if split or target is operator.getitem:
+            return self._split(node, s_first, what, channel_args[0])
+        if _shape(node) is None:
+            if _piece_shapes(node):  # an op returning several tensors that loft_ext does not know
+                for a in channel_args:
+                    self.barrier(self.space(a), f"consumed by {what}, which loft_ext does not know")
+            return None  # size/shape/dim queries and the like carry no channel data
         add = target in (_ADD_METHODS if is_method else _ADD_FUNCTIONS)
         mul = target in (_MUL_METHODS if is_method else _MUL_FUNCTIONS)
         div = target in (_DIV_METHODS if is_method else _DIV_FUNCTIONS)
@@ -404,7 +441,38 @@ class _Analysis:
         return None
 
 
-def analyse_channels(model: nn.Module, input_shape: tuple[int, ...]) -> list[ChannelSpace]:
+    def _split(self, node: fx.Node, s_in: int, what: str, inp: fx.Node) -> int | None:
+        """split / chunk / tensor_split / narrow / unbind / slicing of a channel tensor.
+
+        A piece along the channel dim has a size fixed in the model's code (``torch.split(x,
+        self.splits, 1)`` in MixNet, ``x.split(self.expand_chs // 2)`` in CSPNet, ``spx[i]`` in
+        Res2Net): a worker holding only some of the channels would cut its narrower tensor at the
+        wrong places. So the channels that reach such a split stay shared (the op is named as the
+        reason) and the pieces, being parts of a shared tensor, are shared too (no space). A split or
+        index along another dim (batch, space) keeps the channels whole but is not followed either.
+        """
+        in_shape = _shape(inp)
+        pieces = _piece_shapes(node) or ([_shape(node)] if _shape(node) is not None else [])
+        if in_shape is None or not pieces:
+            return None  # e.g. indexing x.shape
+        if node.target is operator.getitem and all(len(p) == len(in_shape) and p == in_shape for p in pieces):
+            return s_in  # x[:] / x[..., :] keeps everything
+        along_channels = any(len(p) != len(in_shape) or p[1] != in_shape[1] for p in pieces)
+        if along_channels:
+            kind = "sliced" if node.target is operator.getitem or what == "narrow" else "split"
+            self.barrier(s_in, f"{kind} along channels by {what} (fixed-size pieces cannot shrink "
+                               "with a worker's share)")
+        else:
+            self.barrier(s_in, f"split along a non-channel dim by {what}, which loft_ext does not follow")
+        return None
+
+
+class NothingSplittable(PartitionError):
+    """The analysis succeeded but every channel group has to stay shared (the message lists why)."""
+
+
+def analyse_channels(model: nn.Module, input_shape: tuple[int, ...],
+                     model_name: str | None = None) -> list[ChannelSpace]:
     """Trace ``model`` and return every channel space with its tensors and barriers."""
     gm = trace(model, input_shape)
-    return _Analysis(model, gm).run()
+    return _Analysis(model, gm, model_name).run()
