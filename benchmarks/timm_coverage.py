@@ -77,6 +77,8 @@ def representatives(per_prefix: bool = False, cache: Path | None = None) -> list
         for n in by_module[module]:
             if n not in counts:
                 counts[n] = meta_params(n)
+        if cache:
+            cache.write_text(json.dumps(counts))
         ok = [n for n in by_module[module] if counts[n] is not None]
         if not ok:
             continue
@@ -215,6 +217,8 @@ def main(argv=None) -> int:
                     help="output path without extension (.json and .md are written)")
     ap.add_argument("--timeout_s", type=int, default=600, help="per-model limit")
     ap.add_argument("--fresh", action="store_true", help="ignore models already in the JSON")
+    ap.add_argument("--redo_failed", action="store_true",
+                    help="re-run the models of the JSON that crashed, timed out or failed the check")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     out_json, out_md = Path(args.output + ".json"), Path(args.output + ".md")
@@ -226,6 +230,9 @@ def main(argv=None) -> int:
     done = {}
     if out_json.exists() and not args.fresh:
         done = {r["model"]: r for r in json.loads(out_json.read_text())["models"]}
+        if args.redo_failed:
+            done = {n: r for n, r in done.items()
+                    if r["status"] not in ("crash", "timeout") and r.get("exact") is not False}
     print(f"{len(todo)} models, {len(done)} already done", flush=True)
     for i, (module, name) in enumerate(todo):
         if name in done:

@@ -311,6 +311,11 @@ class _Analysis:
             self.barrier(s_in, f"consumed by {type(m).__name__} {name} (only Conv2d is supported)")
             return None
         if isinstance(m, nn.Conv2d):
+            # timm's ScaledStdConv2d & co. carry per-filter tensors (``gain``) next to weight / bias, and
+            # standardise each filter over all its input channels (so those cannot be split)
+            extras = [(n, t) for n, t in list(m.named_parameters(recurse=False)) +
+                      list(m.named_buffers(recurse=False)) if n not in ("weight", "bias") and t is not None]
+            standardised = "StdConv" in type(m).__name__
             if s_in is not None and m.groups > 1:
                 # grouped / depthwise conv: maps each conv group to itself, channels stay together
                 s = s_in
@@ -318,11 +323,16 @@ class _Analysis:
                 self.add_dim(s, prefix + "weight", m.weight, 0, "grouped")
                 if m.bias is not None:
                     self.add_dim(s, prefix + "bias", m.bias, 0, "grouped")
+                self._conv_extras(s, name, m, extras, "grouped")
                 self.spaces[self.find(s)].consumers.append(name)
                 return s
             if s_in is not None:
                 self.consume(s_in, name, m)
+                if standardised:
+                    self.barrier(s_in, f"read by the weight-standardised {type(m).__name__} {name} (each "
+                                       "filter is normalised over all its input channels)")
             s = self.produce(name, m, m.out_channels)
+            self._conv_extras(s, name, m, extras, "producer")
             if m.groups > 1:
                 self.barrier(s, f"{name} is a grouped conv fed by channels that are not split")
             return s
@@ -367,6 +377,15 @@ class _Analysis:
             return self._passthrough(node, s_in, type(m).__name__, reshape=isinstance(m, nn.Flatten))
         self.barrier(s_in, f"consumed by {type(m).__name__} {name}, which loft_ext does not know")
         return None
+
+    def _conv_extras(self, s: int, name: str, m: nn.Module, extras, role: str) -> None:
+        """Extra per-filter tensors of a conv subclass follow its output rows; any other shape is a barrier."""
+        for n, t in extras:
+            if t.dim() >= 1 and t.shape[0] == m.out_channels:
+                self.add_dim(s, f"{name}.{n}", t, 0, role)
+            else:
+                self.barrier(s, f"{type(m).__name__} {name} holds {n} of shape {tuple(t.shape)}, which loft_ext "
+                                "does not know how to split")
 
     def _passthrough(self, node: fx.Node, s_in: int | None, what: str, reshape: bool = False) -> int | None:
         """An op applied per channel (``reshape``: one that may fold dims): check dim 1 survives whole."""
