@@ -387,14 +387,16 @@ class _Analysis:
                 self.barrier(s, f"{type(m).__name__} {name} holds {n} of shape {tuple(t.shape)}, which loft_ext "
                                 "does not know how to split")
 
-    def _passthrough(self, node: fx.Node, s_in: int | None, what: str, reshape: bool = False) -> int | None:
+    def _passthrough(self, node: fx.Node, s_in: int | None, what: str, reshape: bool = False,
+                     inp: fx.Node | None = None) -> int | None:
         """An op applied per channel (``reshape``: one that may fold dims): check dim 1 survives whole."""
         if s_in is None:
             return None
-        in_shape, out_shape = _shape(node.all_input_nodes[0]), _shape(node)
+        # ``inp``: the channel tensor (for ``scale * x`` it is not the first input)
+        in_shape, out_shape = _shape(inp if inp is not None else node.all_input_nodes[0]), _shape(node)
         if out_shape is None:
             return None  # e.g. x.size(): metadata, not data
-        if len(out_shape) < 2 or in_shape is None or out_shape[1] != in_shape[1]:
+        if len(out_shape) < 2 or in_shape is None or len(in_shape) < 2 or out_shape[1] != in_shape[1]:
             self.barrier(s_in, f"reshaped by {what}")
             return None
         if reshape and math.prod(in_shape[2:]) != math.prod(out_shape[2:]):
@@ -441,16 +443,18 @@ class _Analysis:
                 if other in channel_args:
                     continue
                 shp = _shape(other)
-                if len(shp) >= 2 and shp[1] != 1 or len(shp) == 1 and shp[0] != 1:
+                # broadcasting aligns shapes on the right: which dim of ``other`` meets the channel dim?
+                j = 1 - (len(_shape(node)) - len(shp))
+                if 0 <= j < len(shp) and shp[j] != 1:
                     self.barrier(s_first, f"combined with a per-channel tensor by {what}")
                     return None
-            return self._passthrough(node, s_first, what)
+            return self._passthrough(node, s_first, what, inp=channel_args[0])
         if (target in _ELEMENTWISE_METHODS) if is_method else (target in _ELEMENTWISE_FUNCTIONS):
-            return self._passthrough(node, s_first, what)
+            return self._passthrough(node, s_first, what, inp=channel_args[0])
         if (target in _REDUCE_METHODS) if is_method else (target in (torch.mean, torch.sum, torch.amax)):
-            return self._passthrough(node, s_first, what)
+            return self._passthrough(node, s_first, what, inp=channel_args[0])
         if (target in _RESHAPE_OPS) if is_method else (target is torch.flatten):
-            return self._passthrough(node, s_first, what, reshape=True)
+            return self._passthrough(node, s_first, what, reshape=True, inp=channel_args[0])
         if not is_method and target in _CAT_FUNCTIONS:
             for a in channel_args:
                 self.barrier(self.space(a), f"concatenated by {what}")

@@ -206,8 +206,8 @@ def make_plan(model: nn.Module, workers: int, preset: str = "paper",
     if workers > 1 and not split:
         counts = Counter(r for g in shared for r in g.reasons)
         why = "; ".join(f"{n} x {r}" for r, n in counts.most_common(6))
-        hint = " Try --preset all" if preset != "all" else ""
+        hint = " Try --preset all or" if preset != "all" else " Try"
         raise NothingSplittable(
             f"nothing in {model_name} can be split between S={workers} workers with preset "
-            f"{preset!r} ({why}).{hint} or a model with residual blocks such as resnet18.")
+            f"{preset!r} ({why}).{hint} a model with residual blocks such as resnet18.")
     return PartitionPlan(model_name, preset, workers, tuple(input_shape), split, shared)
