@@ -147,7 +147,14 @@ def trace(model: nn.Module, input_shape: tuple[int, ...]) -> fx.GraphModule:
                 raise PartitionError(f"{type(model).__name__} does not run on an input of shape "
                                      f"{tuple(input_shape)} ({first.strip()[:300]}); pass an --image_size the "
                                      "model accepts") from None
-            ShapeProp(gm).propagate(torch.zeros(input_shape))
+            try:
+                ShapeProp(gm).propagate(torch.zeros(input_shape))
+            except Exception as exc:  # the model runs eagerly, but its traced graph does not
+                first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+                raise PartitionError(
+                    f"{type(model).__name__}'s torch.fx graph does not run on an input of shape "
+                    f"{tuple(input_shape)} ({first.strip()[:300]}): its forward depends on Python "
+                    "control flow or values fx cannot follow, so loft_ext cannot analyse it") from None
     finally:
         model.train(was_training)
     return gm
@@ -378,6 +385,24 @@ class _Analysis:
         self.barrier(s_in, f"consumed by {type(m).__name__} {name}, which loft_ext does not know")
         return None
 
+    @staticmethod
+    def _reads_channel_count(node: fx.Node, shape) -> bool:
+        """Does this ``x.shape`` / ``x.size(...)`` node hand dim 1 to the code?"""
+        ndim = len(shape) if shape is not None else 4
+        def is_channel(i):
+            return isinstance(i, int) and i in (1, 1 - ndim)
+        if node.op == "call_method" and (len(node.args) > 1 or "dim" in node.kwargs):
+            return is_channel(node.args[1] if len(node.args) > 1 else node.kwargs["dim"])
+        for user in node.users:
+            if user.op == "call_function" and user.target is operator.getitem:
+                idx = user.args[1]
+                if isinstance(idx, int) and not is_channel(idx):
+                    continue
+                if isinstance(idx, slice) and 1 not in range(ndim)[idx]:
+                    continue
+            return True  # dim 1 taken, or the whole size passed on
+        return False
+
     def _conv_extras(self, s: int, name: str, m: nn.Module, extras, role: str) -> None:
         """Extra per-filter tensors of a conv subclass follow its output rows; any other shape is a barrier."""
         for n, t in extras:
@@ -416,6 +441,13 @@ class _Analysis:
         split = (target in _SPLIT_METHODS) if is_method else (target in _SPLIT_FUNCTIONS)
         if split or target is operator.getitem:
             return self._split(node, s_first, what, channel_args[0])
+        if (not is_method and target is getattr and node.args[1:2] == ("shape",)) or \
+                (is_method and target == "size"):
+            if self._reads_channel_count(node, _shape(channel_args[0])):
+                # e.g. ``B, C, H, W = x.shape`` then ``y.reshape(B, C, H, W)``: the count is a number now
+                self.barrier(s_first, f"its channel count is read by x.{'shape' if target is getattr else 'size()'} "
+                                      "and used as a number")
+            return None
         if _shape(node) is None:
             if _piece_shapes(node):  # an op returning several tensors that loft_ext does not know
                 for a in channel_args:
@@ -454,6 +486,14 @@ class _Analysis:
         if (target in _REDUCE_METHODS) if is_method else (target in (torch.mean, torch.sum, torch.amax)):
             return self._passthrough(node, s_first, what, inp=channel_args[0])
         if (target in _RESHAPE_OPS) if is_method else (target is torch.flatten):
+            if is_method and target in ("view", "reshape"):
+                sizes = node.args[1:]
+                if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+                    sizes = sizes[0]
+                if len(sizes) > 1 and isinstance(sizes[1], int) and sizes[1] != -1:
+                    # x.reshape(B, self.dim, ...): a channel count fixed in the code cannot shrink
+                    self.barrier(s_first, f"reshaped to a fixed channel count by {what}")
+                    return None
             return self._passthrough(node, s_first, what, reshape=True, inp=channel_args[0])
         if not is_method and target in _CAT_FUNCTIONS:
             for a in channel_args:
