@@ -373,9 +373,9 @@ class _Analysis:
                 self.barrier(s_in, f"{type(m).__name__} {name} carries an op that mixes channels")
                 return None
             self.spaces[s_in].norm_groups[name] = m.num_groups
-            if m.affine:
-                self.add_dim(s_in, prefix + "weight", m.weight, 0, "norm")
-                self.add_dim(s_in, prefix + "bias", m.bias, 0, "norm")
+            for attr in ("weight", "bias"):  # timm's GroupNorm1 may keep affine=True with no bias
+                if getattr(m, attr, None) is not None:
+                    self.add_dim(s_in, prefix + attr, getattr(m, attr), 0, "norm")
             return s_in
         if isinstance(m, (nn.LayerNorm, nn.modules.batchnorm._NormBase)):
             self.barrier(s_in, f"normalised across channels by {type(m).__name__} {name}")
