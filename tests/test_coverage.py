@@ -32,6 +32,8 @@ SAMPLE = {
     "tinynet_e": ("inverted residuals", "split", 25),
     "hardcorenas_a": ("inverted residuals + hard SE", "split", 22),
     "resnet10t": ("basic blocks, deep stem", "split", 6),
+    "lambda_resnet26t": ("lambda layers: B, C, H, W = x.shape, reshape(B, C, H, W)", "split", 13),
+    "efficientvim_m1": ("a scalar tensor times the channels (scale * x)", "split", 13),
     "repvgg_a0": ("every conv output joins a residual add", "nothing", None),
     "vit_tiny_patch16_224": ("transformer", "nothing", None),
     "deit_tiny_patch16_224": ("transformer", "nothing", None),
