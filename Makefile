@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 # DeepSpeed is installed without compiled ops; it builds what it needs at run time.
 export DS_BUILD_OPS := 0
 
-.PHONY: install run run-single test test-fast bench bench-smoke partition-report data-fashion-mnist study study-smoke clean
+.PHONY: install run run-single test test-fast bench bench-smoke partition-report coverage data-fashion-mnist study study-smoke clean
 
 install: $(STAMP)
 
@@ -49,6 +49,12 @@ bench-smoke: $(STAMP)
 
 partition-report: $(STAMP)
 	$(PY) benchmarks/partition_report.py
+
+# every timm model family through the channel analysis (one or more representatives per timm.models
+# module, chosen by the rule in the script): split / nothing splittable / refused, with the exactness
+# check at S=2 and S=4; docs/results/timm_coverage.{md,json}. Resumable; 10 to 30 minutes on 2 CPU cores.
+coverage: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) benchmarks/timm_coverage.py --per_prefix $(ARGS)
 
 # the full Fashion-MNIST in torchvision's layout under data/FashionMNIST/raw/, from Debian's package
 # dataset-fashion-mnist (installed with apt-get when run as root; otherwise the script says what to do)

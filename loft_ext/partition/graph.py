@@ -69,6 +69,11 @@ _MUL_METHODS = {"mul", "mul_"}
 _DIV_FUNCTIONS = {operator.truediv, operator.itruediv, torch.div}
 _DIV_METHODS = {"div", "div_"}
 _CAT_FUNCTIONS = {torch.cat, torch.concat, torch.stack}
+# ops that cut a tensor into pieces (a tuple of tensors, or one piece for narrow / slicing)
+_SPLIT_FUNCTIONS = {torch.split, torch.chunk, torch.tensor_split, torch.narrow, torch.unbind,
+                    torch.split_with_sizes, torch.hsplit, torch.vsplit, torch.dsplit}
+_SPLIT_METHODS = {"split", "chunk", "tensor_split", "narrow", "unbind", "split_with_sizes",
+                  "unsafe_split", "hsplit", "vsplit", "dsplit"}
 
 
 @dataclass(frozen=True)
@@ -142,7 +147,14 @@ def trace(model: nn.Module, input_shape: tuple[int, ...]) -> fx.GraphModule:
                 raise PartitionError(f"{type(model).__name__} does not run on an input of shape "
                                      f"{tuple(input_shape)} ({first.strip()[:300]}); pass an --image_size the "
                                      "model accepts") from None
-            ShapeProp(gm).propagate(torch.zeros(input_shape))
+            try:
+                ShapeProp(gm).propagate(torch.zeros(input_shape))
+            except Exception as exc:  # the model runs eagerly, but its traced graph does not
+                first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+                raise PartitionError(
+                    f"{type(model).__name__}'s torch.fx graph does not run on an input of shape "
+                    f"{tuple(input_shape)} ({first.strip()[:300]}): its forward depends on Python "
+                    "control flow or values fx cannot follow, so loft_ext cannot analyse it") from None
     finally:
         model.train(was_training)
     return gm
@@ -174,9 +186,23 @@ def _norm_act_is_per_channel(m: nn.Module) -> bool:
     return True
 
 
+def _piece_shapes(node: fx.Node) -> list[torch.Size]:
+    """Output shapes of a node returning a tuple/list of tensors (e.g. torch.split)."""
+    meta = node.meta.get("tensor_meta")
+    if isinstance(meta, (tuple, list)):
+        return [m.shape for m in meta if hasattr(m, "shape")]
+    return []
+
+
+def _op_name(node: fx.Node) -> str:
+    t = node.target
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
+
 class _Analysis:
-    def __init__(self, model: nn.Module, gm: fx.GraphModule):
+    def __init__(self, model: nn.Module, gm: fx.GraphModule, model_name: str | None = None):
         self.model = model
+        self.model_name = model_name or type(model).__name__
         self.gm = gm
         self.modules = dict(model.named_modules())
         self.spaces: list[ChannelSpace] = []
@@ -252,23 +278,35 @@ class _Analysis:
     # node rules -------------------------------------------------------------------------------
     def run(self) -> list[ChannelSpace]:
         for node in self.gm.graph.nodes:
-            out = None
-            if node.op == "placeholder":
-                shape = _shape(node)
-                if shape is not None and len(shape) >= 2:
-                    out = self.new_space("", int(shape[1]))
-                    self.barrier(out, "model input")
-            elif node.op == "call_module":
-                out = self.call_module(node)
-            elif node.op in ("call_function", "call_method"):
-                out = self.call_function(node)
-            elif node.op == "output":
-                for arg in node.all_input_nodes:
-                    self.barrier(self.space(arg), "reaches the model output")
-            if out is not None:
-                self.space_of[node] = out
+            try:
+                self.visit(node)
+            except PartitionError:
+                raise
+            except Exception as exc:  # never a traceback from the analysis: one sentence naming the op
+                op = node.target if isinstance(node.target, str) else _op_name(node)
+                raise PartitionError(
+                    f"the channel analysis of {self.model_name} failed at graph node {node.name!r} "
+                    f"({node.op} {op}): {type(exc).__name__}: {str(exc).strip()[:200]}; this model "
+                    "cannot be partitioned (use S=1, or report the model)") from exc
         roots = sorted({self.find(i) for i in range(len(self.spaces))})
         return [self.spaces[r] for r in roots]
+
+    def visit(self, node: fx.Node) -> None:
+        out = None
+        if node.op == "placeholder":
+            shape = _shape(node)
+            if shape is not None and len(shape) >= 2:
+                out = self.new_space("", int(shape[1]))
+                self.barrier(out, "model input")
+        elif node.op == "call_module":
+            out = self.call_module(node)
+        elif node.op in ("call_function", "call_method"):
+            out = self.call_function(node)
+        elif node.op == "output":
+            for arg in node.all_input_nodes:
+                self.barrier(self.space(arg), "reaches the model output")
+        if out is not None:
+            self.space_of[node] = out
 
     def call_module(self, node: fx.Node) -> int | None:
         name = node.target
@@ -280,6 +318,11 @@ class _Analysis:
             self.barrier(s_in, f"consumed by {type(m).__name__} {name} (only Conv2d is supported)")
             return None
         if isinstance(m, nn.Conv2d):
+            # timm's ScaledStdConv2d & co. carry per-filter tensors (``gain``) next to weight / bias, and
+            # standardise each filter over all its input channels (so those cannot be split)
+            extras = [(n, t) for n, t in list(m.named_parameters(recurse=False)) +
+                      list(m.named_buffers(recurse=False)) if n not in ("weight", "bias") and t is not None]
+            standardised = "StdConv" in type(m).__name__
             if s_in is not None and m.groups > 1:
                 # grouped / depthwise conv: maps each conv group to itself, channels stay together
                 s = s_in
@@ -287,11 +330,16 @@ class _Analysis:
                 self.add_dim(s, prefix + "weight", m.weight, 0, "grouped")
                 if m.bias is not None:
                     self.add_dim(s, prefix + "bias", m.bias, 0, "grouped")
+                self._conv_extras(s, name, m, extras, "grouped")
                 self.spaces[self.find(s)].consumers.append(name)
                 return s
             if s_in is not None:
                 self.consume(s_in, name, m)
+                if standardised:
+                    self.barrier(s_in, f"read by the weight-standardised {type(m).__name__} {name} (each "
+                                       "filter is normalised over all its input channels)")
             s = self.produce(name, m, m.out_channels)
+            self._conv_extras(s, name, m, extras, "producer")
             if m.groups > 1:
                 self.barrier(s, f"{name} is a grouped conv fed by channels that are not split")
             return s
@@ -325,9 +373,9 @@ class _Analysis:
                 self.barrier(s_in, f"{type(m).__name__} {name} carries an op that mixes channels")
                 return None
             self.spaces[s_in].norm_groups[name] = m.num_groups
-            if m.affine:
-                self.add_dim(s_in, prefix + "weight", m.weight, 0, "norm")
-                self.add_dim(s_in, prefix + "bias", m.bias, 0, "norm")
+            for attr in ("weight", "bias"):  # timm's GroupNorm1 may keep affine=True with no bias
+                if getattr(m, attr, None) is not None:
+                    self.add_dim(s_in, prefix + attr, getattr(m, attr), 0, "norm")
             return s_in
         if isinstance(m, (nn.LayerNorm, nn.modules.batchnorm._NormBase)):
             self.barrier(s_in, f"normalised across channels by {type(m).__name__} {name}")
@@ -337,14 +385,43 @@ class _Analysis:
         self.barrier(s_in, f"consumed by {type(m).__name__} {name}, which loft_ext does not know")
         return None
 
-    def _passthrough(self, node: fx.Node, s_in: int | None, what: str, reshape: bool = False) -> int | None:
+    @staticmethod
+    def _reads_channel_count(node: fx.Node, shape) -> bool:
+        """Does this ``x.shape`` / ``x.size(...)`` node hand dim 1 to the code?"""
+        ndim = len(shape) if shape is not None else 4
+        def is_channel(i):
+            return isinstance(i, int) and i in (1, 1 - ndim)
+        if node.op == "call_method" and (len(node.args) > 1 or "dim" in node.kwargs):
+            return is_channel(node.args[1] if len(node.args) > 1 else node.kwargs["dim"])
+        for user in node.users:
+            if user.op == "call_function" and user.target is operator.getitem:
+                idx = user.args[1]
+                if isinstance(idx, int) and not is_channel(idx):
+                    continue
+                if isinstance(idx, slice) and 1 not in range(ndim)[idx]:
+                    continue
+            return True  # dim 1 taken, or the whole size passed on
+        return False
+
+    def _conv_extras(self, s: int, name: str, m: nn.Module, extras, role: str) -> None:
+        """Extra per-filter tensors of a conv subclass follow its output rows; any other shape is a barrier."""
+        for n, t in extras:
+            if t.dim() >= 1 and t.shape[0] == m.out_channels:
+                self.add_dim(s, f"{name}.{n}", t, 0, role)
+            else:
+                self.barrier(s, f"{type(m).__name__} {name} holds {n} of shape {tuple(t.shape)}, which loft_ext "
+                                "does not know how to split")
+
+    def _passthrough(self, node: fx.Node, s_in: int | None, what: str, reshape: bool = False,
+                     inp: fx.Node | None = None) -> int | None:
         """An op applied per channel (``reshape``: one that may fold dims): check dim 1 survives whole."""
         if s_in is None:
             return None
-        in_shape, out_shape = _shape(node.all_input_nodes[0]), _shape(node)
+        # ``inp``: the channel tensor (for ``scale * x`` it is not the first input)
+        in_shape, out_shape = _shape(inp if inp is not None else node.all_input_nodes[0]), _shape(node)
         if out_shape is None:
             return None  # e.g. x.size(): metadata, not data
-        if len(out_shape) < 2 or in_shape is None or out_shape[1] != in_shape[1]:
+        if len(out_shape) < 2 or in_shape is None or len(in_shape) < 2 or out_shape[1] != in_shape[1]:
             self.barrier(s_in, f"reshaped by {what}")
             return None
         if reshape and math.prod(in_shape[2:]) != math.prod(out_shape[2:]):
@@ -357,12 +434,25 @@ class _Analysis:
         what = target if isinstance(target, str) else getattr(target, "__name__", str(target))
         tensor_args = [a for a in node.all_input_nodes if _shape(a) is not None]
         channel_args = [a for a in tensor_args if self.space(a) is not None]
-        if _shape(node) is None:
-            return None  # size/shape/dim queries and the like carry no channel data
         if not channel_args:
             return None
         s_first = self.space(channel_args[0])
         is_method = node.op == "call_method"
+        split = (target in _SPLIT_METHODS) if is_method else (target in _SPLIT_FUNCTIONS)
+        if split or target is operator.getitem:
+            return self._split(node, s_first, what, channel_args[0])
+        if (not is_method and target is getattr and node.args[1:2] == ("shape",)) or \
+                (is_method and target == "size"):
+            if self._reads_channel_count(node, _shape(channel_args[0])):
+                # e.g. ``B, C, H, W = x.shape`` then ``y.reshape(B, C, H, W)``: the count is a number now
+                self.barrier(s_first, f"its channel count is read by x.{'shape' if target is getattr else 'size()'} "
+                                      "and used as a number")
+            return None
+        if _shape(node) is None:
+            if _piece_shapes(node):  # an op returning several tensors that loft_ext does not know
+                for a in channel_args:
+                    self.barrier(self.space(a), f"consumed by {what}, which loft_ext does not know")
+            return None  # size/shape/dim queries and the like carry no channel data
         add = target in (_ADD_METHODS if is_method else _ADD_FUNCTIONS)
         mul = target in (_MUL_METHODS if is_method else _MUL_FUNCTIONS)
         div = target in (_DIV_METHODS if is_method else _DIV_FUNCTIONS)
@@ -385,16 +475,26 @@ class _Analysis:
                 if other in channel_args:
                     continue
                 shp = _shape(other)
-                if len(shp) >= 2 and shp[1] != 1 or len(shp) == 1 and shp[0] != 1:
+                # broadcasting aligns shapes on the right: which dim of ``other`` meets the channel dim?
+                j = 1 - (len(_shape(node)) - len(shp))
+                if 0 <= j < len(shp) and shp[j] != 1:
                     self.barrier(s_first, f"combined with a per-channel tensor by {what}")
                     return None
-            return self._passthrough(node, s_first, what)
+            return self._passthrough(node, s_first, what, inp=channel_args[0])
         if (target in _ELEMENTWISE_METHODS) if is_method else (target in _ELEMENTWISE_FUNCTIONS):
-            return self._passthrough(node, s_first, what)
+            return self._passthrough(node, s_first, what, inp=channel_args[0])
         if (target in _REDUCE_METHODS) if is_method else (target in (torch.mean, torch.sum, torch.amax)):
-            return self._passthrough(node, s_first, what)
+            return self._passthrough(node, s_first, what, inp=channel_args[0])
         if (target in _RESHAPE_OPS) if is_method else (target is torch.flatten):
-            return self._passthrough(node, s_first, what, reshape=True)
+            if is_method and target in ("view", "reshape"):
+                sizes = node.args[1:]
+                if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+                    sizes = sizes[0]
+                if len(sizes) > 1 and isinstance(sizes[1], int) and sizes[1] != -1:
+                    # x.reshape(B, self.dim, ...): a channel count fixed in the code cannot shrink
+                    self.barrier(s_first, f"reshaped to a fixed channel count by {what}")
+                    return None
+            return self._passthrough(node, s_first, what, reshape=True, inp=channel_args[0])
         if not is_method and target in _CAT_FUNCTIONS:
             for a in channel_args:
                 self.barrier(self.space(a), f"concatenated by {what}")
@@ -404,7 +504,38 @@ class _Analysis:
         return None
 
 
-def analyse_channels(model: nn.Module, input_shape: tuple[int, ...]) -> list[ChannelSpace]:
+    def _split(self, node: fx.Node, s_in: int, what: str, inp: fx.Node) -> int | None:
+        """split / chunk / tensor_split / narrow / unbind / slicing of a channel tensor.
+
+        A piece along the channel dim has a size fixed in the model's code (``torch.split(x,
+        self.splits, 1)`` in MixNet, ``x.split(self.expand_chs // 2)`` in CSPNet, ``spx[i]`` in
+        Res2Net): a worker holding only some of the channels would cut its narrower tensor at the
+        wrong places. So the channels that reach such a split stay shared (the op is named as the
+        reason) and the pieces, being parts of a shared tensor, are shared too (no space). A split or
+        index along another dim (batch, space) keeps the channels whole but is not followed either.
+        """
+        in_shape = _shape(inp)
+        pieces = _piece_shapes(node) or ([_shape(node)] if _shape(node) is not None else [])
+        if in_shape is None or not pieces:
+            return None  # e.g. indexing x.shape
+        if node.target is operator.getitem and all(len(p) == len(in_shape) and p == in_shape for p in pieces):
+            return s_in  # x[:] / x[..., :] keeps everything
+        along_channels = any(len(p) != len(in_shape) or p[1] != in_shape[1] for p in pieces)
+        if along_channels:
+            kind = "sliced" if node.target is operator.getitem or what == "narrow" else "split"
+            self.barrier(s_in, f"{kind} along channels by {what} (fixed-size pieces cannot shrink "
+                               "with a worker's share)")
+        else:
+            self.barrier(s_in, f"split along a non-channel dim by {what}, which loft_ext does not follow")
+        return None
+
+
+class NothingSplittable(PartitionError):
+    """The analysis succeeded but every channel group has to stay shared (the message lists why)."""
+
+
+def analyse_channels(model: nn.Module, input_shape: tuple[int, ...],
+                     model_name: str | None = None) -> list[ChannelSpace]:
     """Trace ``model`` and return every channel space with its tensors and barriers."""
     gm = trace(model, input_shape)
-    return _Analysis(model, gm).run()
+    return _Analysis(model, gm, model_name).run()

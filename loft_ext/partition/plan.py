@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-from .graph import PartitionError, TensorDim, analyse_channels
+from .graph import NothingSplittable, PartitionError, TensorDim, analyse_channels
 
 PRESETS = ("paper", "all")
 
@@ -180,7 +180,7 @@ def make_plan(model: nn.Module, workers: int, preset: str = "paper",
         raise PartitionError(f"the number of filter workers S must be an integer >= 1, got {workers!r}")
     if preset not in PRESETS:
         raise PartitionError(f"unknown partition preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    spaces = analyse_channels(model, input_shape)
+    spaces = analyse_channels(model, input_shape, model_name)
     blocks = block_index(model)
     split, shared = [], []
     for sp in spaces:
@@ -206,8 +206,8 @@ def make_plan(model: nn.Module, workers: int, preset: str = "paper",
     if workers > 1 and not split:
         counts = Counter(r for g in shared for r in g.reasons)
         why = "; ".join(f"{n} x {r}" for r, n in counts.most_common(6))
-        hint = " Try --preset all" if preset != "all" else ""
-        raise PartitionError(
+        hint = " Try --preset all or" if preset != "all" else " Try"
+        raise NothingSplittable(
             f"nothing in {model_name} can be split between S={workers} workers with preset "
-            f"{preset!r} ({why}).{hint} or a model with residual blocks such as resnet18.")
+            f"{preset!r} ({why}).{hint} a model with residual blocks such as resnet18.")
     return PartitionPlan(model_name, preset, workers, tuple(input_shape), split, shared)
