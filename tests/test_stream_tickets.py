@@ -124,15 +124,17 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.parametrize("fmt", ["pt2", "pt2+onnx"])
-def test_exported_ticket_loads_without_loft_ext(model_cache, tmp_path, fmt):
-    if fmt == "pt2+onnx":
-        pytest.importorskip("onnxruntime")
-        pytest.importorskip("onnxscript")
-    name = "resnet18" if fmt == "pt2" else "regnetx_002"
-    model = _randomise_bn(copy.deepcopy(model_cache(name))).eval()
-    plan = make_plan(model, 1, "all", (1, 3, 32, 32), name)
-    ticket = structured_ticket(model, plan, 0.5, "hidden+stream")
+def test_exported_ticket_loads_without_loft_ext(model_cache, tmp_path):
+    """ticket.pt2 (and ticket.onnx where the onnx extra is installed) in a Python that cannot import loft_ext."""
+    try:
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+        fmt = "pt2+onnx"
+    except ImportError:
+        fmt = "pt2"
+    model = _randomise_bn(copy.deepcopy(model_cache("resnet18"))).eval()
+    plan = make_plan(model, 1, "all", (1, 3, 32, 32), "resnet18")
+    ticket = structured_ticket(model, plan, 0.8, "hidden+stream")
     masked = copy.deepcopy(model)
     MaskEnforcer(masked, ticket.masks(masked)).apply()
     record = save_deployable(str(tmp_path), compact_model(model, ticket), (1, 3, 32, 32), fmt)
