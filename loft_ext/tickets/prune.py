@@ -72,7 +72,7 @@ class StructuredTicket:
         return out
 
     def report(self) -> list[dict]:
-        return [{"group": g.name, "units": g.units, "kept_units": len(k), "channels": g.channels,
+        return [{"group": g.name, "kind": g.kind, "units": g.units, "kept_units": len(k), "channels": g.channels,
                  "kept_channels": len(k) * (g.channels // g.units)} for g, k in zip(self.plan.split, self.kept)]
 
 
