@@ -171,3 +171,15 @@ def test_pipeline_stream_ticket_with_export(tmp_path):
     header = [line for line in proc.stdout.splitlines() if "test acc" in line][-1]
     assert "scope" in header and "speed-up" in header and "GFLOPs" in header
     assert "hidden+stream" in proc.stdout.splitlines()[-1]
+
+
+def test_bad_stream_and_export_flags_are_one_line_config_errors():
+    from loft_ext.engine.pipeline import TicketHparams, validate_tickets
+    from loft_ext.errors import ConfigError
+    from loft_ext.tickets.deploy import check_export
+
+    with pytest.raises(ConfigError, match=r"--prune_scope hidden\+stream is for --ticket structured"):
+        validate_tickets(TicketHparams(ticket="unstructured", prune_scope="hidden+stream"))
+    with pytest.raises(ConfigError, match="unknown --export 'tflite'; choose one of pt2, pt2\\+onnx, none"):
+        check_export("tflite")
+    validate_tickets(TicketHparams(prune_scope="hidden+stream", export="pt2"))
