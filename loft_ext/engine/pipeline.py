@@ -253,7 +253,8 @@ def run_pipeline(model_hp, data_hp, loft_hp, train_hp, det_hp, out_hp, ticket_hp
         if dist.is_initialized():
             dist.barrier()
     columns = ["method", "model", "S", "L", "D", "rounds", "epochs", "detector", "detector_round", "ticket",
-               "score", "scope", "ratio", "params", "kept_params", "flops", "kept_flops", "flop_ratio", "speedup", "test_acc", "pretrain_bytes",
+               "score", "scope", "ratio", "params", "kept_params", "flops", "kept_flops", "flop_ratio", "speedup",
+               "test_acc", "pretrain_bytes",
                "total_bytes", "pretrain_wall_s", "finetune_wall_s"]
     logger.log_table("tickets", columns, [[r.get(c) for c in columns] for r in rows], step=steps[0] + 1)
     logger.close()
