@@ -6,7 +6,9 @@ Runs, each as its own subprocess (a fresh interpreter; OMP_NUM_THREADS=1) that w
   (measured on gloo processes next to the analytic count);
 - benchmarks/step_time.py: one worker's training step time, sub-network / dense;
 - benchmarks/memory.py: one worker's peak training memory, sub-network / dense (exact accounting and RSS);
-- benchmarks/sync_time.py: sync time vs compute time per round on 2 gloo processes, both strategies.
+- benchmarks/sync_time.py: sync time vs compute time per round on 2 gloo processes, both strategies;
+- benchmarks/ticket_speed.py: inference of compact tickets vs dense (batch-1 latency, batch-64 throughput;
+  1 thread and all threads; eager and torch.export; hidden-only and hidden+stream tickets at r = 0.5, 0.8).
 
 Then prints one table (benchmark, case, measure, value, target, status) and writes it to ``--output``
 with ``.txt``, and every raw number (each benchmark's JSON and printed output), the machine, the
@@ -46,11 +48,12 @@ BENCHMARKS = {
     "memory": {"full": [], "smoke": ["--models", "resnet18", "--batch", "32"]},
     "sync_time": {"full": [], "smoke": ["--rounds", "1", "--warmup", "0", "--local_steps", "2", "--batch", "16",
                                         "--profile"]},
+    "ticket_speed": {"full": [], "smoke": ["--smoke"]},
 }
 # benchmarks whose JSON has a --runs_dir for per-rank records
 WITH_RUNS_DIR = ("communication", "sync_time")
 # start order with --jobs > 1: the longest first, so the last to start is short
-START_ORDER = ("communication", "memory", "sync_time", "step_time")
+START_ORDER = ("communication", "memory", "sync_time", "ticket_speed", "step_time")
 
 
 def run_benchmark(name: str, smoke: bool, results_dir: str) -> dict:
@@ -145,8 +148,27 @@ def sync_time_rows(result: dict) -> list[dict]:
     return rows
 
 
+def ticket_speed_rows(result: dict) -> list[dict]:
+    """Per ticket and cell: speed-up / FLOP ratio (target: within 25%), and for r=0.8 hidden+stream at the
+    throughput batch: the speed-up itself (target: >= 3x dense)."""
+    rows = []
+    latency_batch = min(result["batches"])
+    for r in result["rows"]:
+        what = "latency" if r["batch"] == latency_batch else "throughput"
+        case = (f"{r['model']}@{r['size']} {r['scope']} r={r['ratio']:g} {r['engine']} {r['threads']}t "
+                f"b{r['batch']}")
+        if what == "throughput" and r["scope"] == "hidden+stream" and r["ratio"] == 0.8:
+            rows.append(_row("ticket speed", case, "throughput compact / dense", r["speedup"],
+                             f"{r['speedup']:.2f}x ({r['ticket_images_per_s']:.0f} / {r['dense_images_per_s']:.0f} "
+                             "img/s)", (">=", 3.0, ">= 3x")))
+        rows.append(_row("ticket speed", case, f"{what} speed-up / FLOP ratio", r["speedup_over_flop_ratio"],
+                         f"{r['speedup_over_flop_ratio']:.2f} ({r['speedup']:.2f}x / {r['flop_ratio']:.2f}x)",
+                         ("in", (0.75, 1.25), "0.75..1.25")))
+    return rows
+
+
 ROWS = {"communication": communication_rows, "step_time": step_time_rows, "memory": memory_rows,
-        "sync_time": sync_time_rows}
+        "sync_time": sync_time_rows, "ticket_speed": ticket_speed_rows}
 
 
 def judge(row: dict, smoke: bool) -> str:
@@ -155,6 +177,11 @@ def judge(row: dict, smoke: bool) -> str:
     if smoke and row["size_dependent"]:
         return "not judged (smoke)"
     op, bound, _ = row["target"]
+    if op == "in":
+        low, high = bound
+        if low <= row["value"] <= high:
+            return "met"
+        return f"MISSED by {low - row['value'] if row['value'] < low else row['value'] - high:.3g}"
     met = row["value"] >= bound if op == ">=" else row["value"] <= bound
     if met:
         return "met"

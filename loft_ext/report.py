@@ -4,8 +4,9 @@ from __future__ import annotations
 COLUMNS = [("method", "method", "{}"), ("model", "model", "{}"), ("S", "S", "{}"), ("D", "D", "{}"),
            ("epochs", "pre-ep", "{:g}"), ("samples_per_worker", "samples/wkr", "{:d}"),
            ("samples_total", "samples", "{:d}"), ("detector_round", "fired@", "{}"), ("ticket", "ticket", "{}"),
-           ("score", "score", "{}"), ("ratio", "ratio", "{:g}"), ("kept_params", "params(M)", "{:.3f}"),
-           ("kept_flops", "GFLOPs", "{:.3f}"), ("test_acc", "test acc", "{:.2%}"),
+           ("score", "score", "{}"), ("scope", "scope", "{}"), ("ratio", "ratio", "{:g}"),
+           ("kept_params", "params(M)", "{:.3f}"), ("kept_flops", "GFLOPs", "{:.3f}"),
+           ("flop_ratio", "FLOPx", "{:.2f}"), ("speedup", "speed-up", "{:.2f}x"), ("test_acc", "test acc", "{:.2%}"),
            ("pretrain_bytes", "pre MiB", "{:.1f}"), ("total_bytes", "total MiB", "{:.1f}"),
            ("finetune_wall_s", "ft s", "{:.0f}")]
 SCALE = {"kept_params": 1e-6, "kept_flops": 1e-9, "pretrain_bytes": 2.0 ** -20, "total_bytes": 2.0 ** -20}

@@ -85,7 +85,7 @@ def test_step_times(smoke):
 
 def test_combined_table_and_provenance(smoke):
     benchmarks = {row["benchmark"] for row in smoke["table"]}
-    assert benchmarks == {"communication", "step time", "memory", "sync time"}
+    assert benchmarks == {"communication", "step time", "memory", "sync time", "ticket speed"}
     exactness = [r for r in smoke["table"] if r["measure"].startswith("max |measured / analytic")]
     assert exactness and all(r["status"] == "met" for r in exactness)
     assert smoke["machine"]["cpus"] >= 1 and smoke["machine"]["versions"]["torch"]
@@ -93,3 +93,20 @@ def test_combined_table_and_provenance(smoke):
     assert "bench.py --smoke" in smoke["command"]
     for row in smoke["table"]:
         assert row["shown"] in smoke["text"]
+
+
+def test_ticket_speed_rows(smoke):
+    """Smoke: resnet18 @ 32, r=0.8, both scopes, eager and exported, batches 1 and 8, one thread."""
+    result = smoke["benchmarks"]["ticket_speed"]["result"]
+    cells = {(r["scope"], r["engine"], r["batch"]) for r in result["rows"]}
+    assert cells == {(s, e, b) for s in ("per-group", "hidden+stream") for e in ("eager", "exported") for b in (1, 8)}
+    info = result["models"]["resnet18:32"]
+    # streams pruned too: fewer FLOPs and parameters than the hidden-only ticket at the same ratio
+    assert info["hidden+stream r=0.8"]["flops"] < info["per-group r=0.8"]["flops"] < info["dense"]["flops"]
+    assert info["hidden+stream r=0.8"]["params"] < info["per-group r=0.8"]["params"]
+    for r in result["rows"]:
+        assert r["dense_s"] > 0 and r["ticket_s"] > 0 and r["flop_ratio"] > 1
+        assert r["speedup"] == pytest.approx(r["dense_s"] / r["ticket_s"])
+    rows = [r for r in smoke["table"] if r["benchmark"] == "ticket speed"]
+    assert any(r["measure"] == "throughput compact / dense" for r in rows)
+    assert all(r["status"] in ("not judged (smoke)", "-") for r in rows)

@@ -25,7 +25,8 @@ from ..hparams import Hparams, field, hparams_hash
 from ..models import create_model
 from ..partition.plan import make_plan
 from ..report import format_table
-from ..tickets.export import compact_model, save_compact
+from ..tickets.deploy import EXPORTS, check_export, save_deployable
+from ..tickets.export import compact_model, load_compact, save_compact
 from ..tickets.finetune import OPTIMIZERS, finetune
 from ..tickets.masks import save_masks
 from ..tickets.plugins import draw_ticket
@@ -47,8 +48,11 @@ class TicketHparams(Hparams):
     ticket: str = field("structured", "structured: whole channel units of the split groups, exported as a "
                         "smaller model; unstructured: global magnitude of conv/linear weights",
                         ("structured", "unstructured"))
-    prune_scope: str = field("per-group", "structured: the ratio applies to every group (per-group) or to all "
-                             "units together after per-group normalisation (global)", SCOPES)
+    prune_scope: str = field("per-group", "structured: the ratio applies to every block-hidden group (per-group) "
+                             "or to all their units together after per-group normalisation (global); "
+                             "hidden+stream also prunes the residual-stream channels (coupled over every block "
+                             "adding into the stream, downsample convs, norms, head) by a group score, per group",
+                             SCOPES)
     prune_score: str = field("auto", "unit score: l2 (producer filter norm), bn (|gamma|), random; auto = bn "
                              "for --method earlybird, random for --method random, else l2",
                              ("auto", "l2", "bn", "random"))
@@ -64,6 +68,9 @@ class TicketHparams(Hparams):
     finetune_optimizer: str = field("sgd", "fine-tuning optimizer (sgd: momentum and weight decay of the "
                                     "training flags; adamw)", OPTIMIZERS)
     finetune_batch_size: int = field(64, "fine-tuning batch size per process")
+    export: str = field("none", "dependency-free export of each ticket under <ticket>/deploy: pt2 (a torch.export "
+                        "program, loads with torch.export.load and no loft_ext), pt2+onnx (also ONNX, checked with "
+                        "onnxruntime; needs the onnx extra), none", EXPORTS)
 
 
 ALL_HPARAMS = PRETRAIN_HPARAMS + (TicketHparams, DeepSpeedHparams, CheckpointHparams)
@@ -79,10 +86,13 @@ def validate_tickets(t: TicketHparams) -> None:
         (t.finetune_lr > 0, f"--finetune_lr must be > 0 (got {t.finetune_lr})"),
         (t.finetune_batch_size >= 1, f"--finetune_batch_size must be >= 1 (got {t.finetune_batch_size})"),
         (t.ticket == "unstructured" or t.prune_levels == 1, "--prune_levels > 1 is for --ticket unstructured"),
+        (t.ticket == "structured" or t.prune_scope != "hidden+stream",
+         "--prune_scope hidden+stream is for --ticket structured"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    check_export(t.export)
 
 
 def _score(method: str, requested: str) -> str:
@@ -152,13 +162,20 @@ def run_pipeline(model_hp, data_hp, loft_hp, train_hp, det_hp, out_hp, ticket_hp
     logger = RunLogger(run_dir if main else None, accelerator, wandb=wandb_mode != "disabled")
     steps = [pre.get("rounds_done", 0)]
     for ratio in ticket_hp.ratios:
-        tid = hparams_hash(dataclasses.replace(ticket_hp, ratios=(ratio,)))
+        tid = hparams_hash(dataclasses.replace(ticket_hp, ratios=(ratio,), export="none"))  # export: no new ticket
         tdir = os.path.join(run_dir, "tickets", f"{ticket_hp.ticket}-{score}-r{ratio:g}-{tid}")
         result_path = os.path.join(tdir, "result.json")
         if os.path.exists(result_path):
             with open(result_path) as f:
                 rows.append(json.load(f))
             say(f"ticket r={ratio:g} already fine-tuned: {tdir}")
+            if main and ticket_hp.export != "none" and ticket_hp.ticket == "structured":
+                deploy = os.path.join(tdir, "deploy")
+                if not os.path.exists(os.path.join(deploy, "deploy.json")) or ticket_hp.export == "pt2+onnx" \
+                        and not os.path.exists(os.path.join(deploy, "ticket.onnx")):
+                    rows[-1]["export"] = save_deployable(deploy, load_compact(os.path.join(tdir, "compact")), shape,
+                                                         ticket_hp.export, train_hp.seed)["max_abs_diff"]
+                    write_json_atomic(result_path, rows[-1])
             continue
         t0 = time.time()
         model = _load(create_model(model_hp.model, data.num_classes, data.in_chans),
@@ -200,6 +217,7 @@ def run_pipeline(model_hp, data_hp, loft_hp, train_hp, det_hp, out_hp, ticket_hp
             "D": pre.get("replicas"), "rounds": pre.get("rounds_done"), "epochs": round(pre.get("epochs_done", 0), 2),
             "detector": ",".join(sorted(fired)) or None, "detector_round": min(fired.values()) if fired else None,
             "ticket": ticket_hp.ticket, "score": score, "ratio": ratio,
+            "scope": ticket_hp.prune_scope if ticket_hp.ticket == "structured" else None,
             "params": report["params_total"], "kept_params": report["params_kept"],
             "flops": dense_flops, "kept_flops": dense_flops,
             "test_acc": result["test_acc"], "pretrain_test_acc": pre.get("test_acc"),
@@ -214,8 +232,13 @@ def run_pipeline(model_hp, data_hp, loft_hp, train_hp, det_hp, out_hp, ticket_hp
             row.update(kept_params=sum(p.numel() for p in small.parameters()),
                        kept_flops=_forward_flops(small, shape), latency_ms=_latency_ms(small, shape),
                        dense_latency_ms=_latency_ms(model, shape))
+            row.update(flop_ratio=dense_flops / max(row["kept_flops"], 1),
+                       speedup=row["dense_latency_ms"] / max(row["latency_ms"], 1e-9))
             if main:
                 save_compact(os.path.join(tdir, "compact"), small, model_hp.model, data.num_classes, data.in_chans)
+                if ticket_hp.export != "none":
+                    row["export"] = save_deployable(os.path.join(tdir, "deploy"), small, shape, ticket_hp.export,
+                                                    train_hp.seed)["max_abs_diff"]
         row["total_bytes"] = row["pretrain_bytes"] + row["finetune_bytes"]
         if main:
             save_weights(model, os.path.join(tdir, "finetuned.safetensors"))
@@ -224,8 +247,9 @@ def run_pipeline(model_hp, data_hp, loft_hp, train_hp, det_hp, out_hp, ticket_hp
         if dist.is_initialized():
             dist.barrier()
     columns = ["method", "model", "S", "L", "D", "rounds", "epochs", "detector", "detector_round", "ticket",
-               "score", "ratio", "params", "kept_params", "flops", "kept_flops", "test_acc", "pretrain_bytes",
-               "total_bytes", "samples_per_worker", "samples_total", "pretrain_wall_s", "finetune_wall_s"]
+               "score", "scope", "ratio", "params", "kept_params", "flops", "kept_flops", "flop_ratio", "speedup",
+               "test_acc", "pretrain_bytes", "total_bytes", "samples_per_worker", "samples_total", "pretrain_wall_s",
+               "finetune_wall_s"]
     logger.log_table("tickets", columns, [[r.get(c) for c in columns] for r in rows], step=steps[0] + 1)
     logger.close()
     if main:

@@ -42,6 +42,7 @@ class SplitGroup:
     grouped_convs: dict[str, int] = field(default_factory=dict)
     norm_groups: dict[str, int] = field(default_factory=dict)
     block: BlockInfo | None = None
+    kind: str = "hidden"          # hidden (a split group) | stream (a residual stream, tickets only)
 
     def unit_size(self, d: TensorDim) -> int:
         return d.size // self.units

@@ -9,6 +9,10 @@ keeps at least ``min_keep`` units (or all of them, when smaller), so no layer co
 a group covers every tensor dim of the group (producer rows, norm entries incl. running statistics,
 consumer columns, depthwise/grouped conv rows, squeeze-excite rows and columns).
 
+``hidden+stream`` adds the residual-stream channel groups (:mod:`loft_ext.tickets.stream`) to the
+split groups and prunes every group per-group; a stream's channels are scored by a group score over
+all its coupled tensors (every block adding into the stream, downsample convs, norms, the head).
+
 Unstructured, lottery-ticket style: global magnitude pruning of conv/linear weights; each level
 removes the fraction ``r`` of the weights that survive the previous level (one-shot = one level);
 the classifier can be excluded.
@@ -25,7 +29,8 @@ from ..partition.subnet import Partition, slice_indices, tensors_of
 from loft_ext.errors import ConfigError
 
 SCORES = ("l2", "bn", "random")
-SCOPES = ("per-group", "global")
+SCOPES = ("per-group", "global", "hidden+stream")
+STREAM_SCOPES = ("hidden+stream",)
 
 
 class PruneError(ConfigError):
@@ -67,7 +72,7 @@ class StructuredTicket:
         return out
 
     def report(self) -> list[dict]:
-        return [{"group": g.name, "units": g.units, "kept_units": len(k), "channels": g.channels,
+        return [{"group": g.name, "kind": g.kind, "units": g.units, "kept_units": len(k), "channels": g.channels,
                  "kept_channels": len(k) * (g.channels // g.units)} for g, k in zip(self.plan.split, self.kept)]
 
 
@@ -81,6 +86,10 @@ def unit_scores(model: nn.Module, plan: PartitionPlan, score: str, seed: int = 0
     for g in plan.split:
         if score == "random":
             out.append(torch.rand(g.units, generator=g_rand, dtype=torch.float64))
+            continue
+        if g.kind == "stream":
+            from .stream import group_scores
+            out.append(group_scores(model, g, score))
             continue
         role, suffix = ("producer", ".weight") if score == "l2" else ("norm", ".weight")
         dim = next((d for d in g.dims if d.role == role and d.name.endswith(suffix)), None)
@@ -102,9 +111,12 @@ def structured_ticket(model: nn.Module, plan: PartitionPlan, ratio: float, scope
         raise PruneError(f"unknown pruning scope {scope!r}; choose one of {', '.join(SCOPES)}")
     if min_keep < 1:
         raise PruneError(f"--min_keep must be >= 1 (got {min_keep})")
+    if scope in STREAM_SCOPES:
+        from .stream import with_streams
+        plan = with_streams(model, plan)
     scores = unit_scores(model, plan, score, seed)
     floors = [min(min_keep, g.units) for g in plan.split]
-    if scope == "per-group":
+    if scope != "global":
         counts = [max(f, int(round((1 - ratio) * g.units))) for g, f in zip(plan.split, floors)]
     else:
         normalised = torch.cat([s / s.mean().clamp_min(1e-30) for s in scores])
