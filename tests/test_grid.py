@@ -140,9 +140,10 @@ def test_two_nodes_on_loopback_equal_one_node_lose_a_node_and_resume(tmp_path):
     from loft_ext.checkpoint import CheckpointStore
 
     timeout = 20
-    args = ["--workers", "2", "--rounds", "4", "--local_steps", "2", "--batch_size", "16", "--preset", "all",
+    args = ["--model", "regnetx_002", "--workers", "2", "--rounds", "4", "--local_steps", "2", "--batch_size", "16", "--preset", "all",
             "--bn_recalibration_batches", "1", "--debug_hashes", "--ratios", "", "--checkpoint_every", "1",
             "--collective_timeout", str(timeout), "--distance_layers", "none", "--earlybird", "false"]
+    t0 = time.time()
     # the reference: one node, 4 processes, the same grid coordinates the two nodes get
     ref = subprocess.run([os.path.join(BIN, "torchrun"), "--nproc_per_node", "4", RECIPE, *args,
                           "--grid_order", "replicas-within-node", "--output_dir", str(tmp_path / "one")],
@@ -150,6 +151,7 @@ def test_two_nodes_on_loopback_equal_one_node_lose_a_node_and_resume(tmp_path):
     assert ref.returncode == 0, ref.stderr[-3000:]
     assert "4 processes = S=2 x D=2 (allgather, gloo) on 1 node x 4 processes, replicas-within-node" in ref.stdout
     one = _run_dir(tmp_path / "one")
+    t1 = time.time()
 
     # two nodes; node 1 is lost after the first checkpoint
     two = tmp_path / "two"
@@ -176,11 +178,14 @@ def test_two_nodes_on_loopback_equal_one_node_lose_a_node_and_resume(tmp_path):
                                  / "state.json").read_text())["round"])
     assert 1 <= resumed_at < 4
 
+    t2 = time.time()
     # both nodes rerun the same command with --resume latest
     port = _free_port()
     nodes = [_node(n, port, args + ["--resume", "latest"], two, tmp_path / f"again{n}") for n in (0, 1)]
     for n, proc in enumerate(nodes):
         assert proc.wait(timeout=600) == 0, (tmp_path / f"again{n}.err").read_text()[-3000:]
+    print(f"reference {t1 - t0:.1f}s, two nodes until the loss {lost - t1:.1f}s, other node ended after "
+          f"{ended:.1f}s, resume {time.time() - t2:.1f}s")
     assert f"resuming from {run_dir}/checkpoints/round_{resumed_at:06d}" in (tmp_path / "again0.out").read_text()
 
     # bit for bit: final weights, every remaining round's assembled model, every step's sub-networks
