@@ -10,7 +10,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from loft_ext.parallel import analytic
 from loft_ext.parallel.grid import GridError, node_key, plan_layout
@@ -140,7 +139,9 @@ def test_two_nodes_on_loopback_equal_one_node_lose_a_node_and_resume(tmp_path):
     from loft_ext.checkpoint import CheckpointStore
 
     timeout = 20
-    args = ["--model", "regnetx_002", "--workers", "2", "--rounds", "4", "--local_steps", "2", "--batch_size", "16", "--preset", "all",
+    # alltoall: the sync counts direct all-to-all bytes, the shared and replica all-reduces ring bytes
+    args = ["--model", "regnetx_002", "--workers", "2", "--sync", "alltoall", "--rounds", "4", "--local_steps", "2",
+            "--batch_size", "16", "--preset", "all",
             "--bn_recalibration_batches", "1", "--debug_hashes", "--ratios", "", "--checkpoint_every", "1",
             "--collective_timeout", str(timeout), "--distance_layers", "none", "--earlybird", "false"]
     t0 = time.time()
@@ -149,7 +150,7 @@ def test_two_nodes_on_loopback_equal_one_node_lose_a_node_and_resume(tmp_path):
                           "--grid_order", "replicas-within-node", "--output_dir", str(tmp_path / "one")],
                          capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
     assert ref.returncode == 0, ref.stderr[-3000:]
-    assert "4 processes = S=2 x D=2 (allgather, gloo) on 1 node x 4 processes, replicas-within-node" in ref.stdout
+    assert "4 processes = S=2 x D=2 (alltoall, gloo) on 1 node x 4 processes, replicas-within-node" in ref.stdout
     one = _run_dir(tmp_path / "one")
     t1 = time.time()
 
@@ -170,7 +171,7 @@ def test_two_nodes_on_loopback_equal_one_node_lose_a_node_and_resume(tmp_path):
     assert "a collective failed in round" in err and "rerun the same command with --resume latest" in err, err[-3000:]
     assert ended < timeout + 30, ended  # the collective timeout, plus torchrun's teardown of the other rank
     first = (tmp_path / "first0.out").read_text()
-    assert "4 processes = S=2 x D=2 (allgather, gloo) on 2 nodes x 2 processes, replicas-within-node: " \
+    assert "4 processes = S=2 x D=2 (alltoall, gloo) on 2 nodes x 2 processes, replicas-within-node: " \
            "filter (S) axis crosses nodes" in first
     run_dir = _run_dir(two)
     assert not (run_dir / "summary.json").exists()
@@ -203,7 +204,7 @@ def test_two_nodes_on_loopback_equal_one_node_lose_a_node_and_resume(tmp_path):
         # inter-node counters equal the analytic count (a resumed run restored them from the checkpoint)
         for phase in ("sync", "dp_grad"):
             measured, counted = two_report["measured"][phase], two_report["analytic"][phase]
-            for key in ("bytes_sent", "inter_node_bytes_sent", "inter_node_bytes_received"):
+            for key in ("bytes_sent", "bytes_received", "inter_node_bytes_sent", "inter_node_bytes_received"):
                 assert measured[key] == pytest.approx(counted[key], rel=1e-9, abs=0), (rank, phase, key)
             assert one_report["measured"][phase]["inter_node_bytes_sent"] == 0
         assert two_report["measured"]["dp_grad"]["inter_node_bytes_sent"] == 0  # replicas share a node
