@@ -150,7 +150,8 @@ def test_two_nodes_on_loopback_equal_one_node_lose_a_node_and_resume(tmp_path):
                           "--grid_order", "replicas-within-node", "--output_dir", str(tmp_path / "one")],
                          capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
     assert ref.returncode == 0, ref.stderr[-3000:]
-    assert "4 processes = S=2 x D=2 (alltoall, gloo) on 1 node x 4 processes, replicas-within-node" in ref.stdout
+    assert "4 processes = S=2 x D=2 (alltoall, gloo)" in ref.stdout
+    assert "; grid on 1 node x 4 processes, replicas-within-node: no axis crosses nodes" in ref.stdout
     one = _run_dir(tmp_path / "one")
     t1 = time.time()
 
@@ -171,8 +172,8 @@ def test_two_nodes_on_loopback_equal_one_node_lose_a_node_and_resume(tmp_path):
     assert "a collective failed in round" in err and "rerun the same command with --resume latest" in err, err[-3000:]
     assert ended < timeout + 30, ended  # the collective timeout, plus torchrun's teardown of the other rank
     first = (tmp_path / "first0.out").read_text()
-    assert "4 processes = S=2 x D=2 (alltoall, gloo) on 2 nodes x 2 processes, replicas-within-node: " \
-           "filter (S) axis crosses nodes" in first
+    assert "4 processes = S=2 x D=2 (alltoall, gloo)" in first
+    assert "; grid on 2 nodes x 2 processes, replicas-within-node: filter (S) axis crosses nodes" in first
     run_dir = _run_dir(two)
     assert not (run_dir / "summary.json").exists()
     resumed_at = int(json.loads((run_dir / "checkpoints" / CheckpointStore(str(run_dir / "checkpoints")).complete()[-1]

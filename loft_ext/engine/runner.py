@@ -580,12 +580,12 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
                               generator=torch.Generator().manual_seed(train_hp.seed))
 
     where = (f"{world} processes = S={workers} x D={replicas} ({loft_hp.sync}, "
-             f"{dist.get_backend()}{', DeepSpeed' if ds_cfg else ''}) on {grid.layout.describe()}"
-             if grid else "1 process, workers simulated")
+             f"{dist.get_backend()}{', DeepSpeed' if ds_cfg else ''})" if grid else "1 process, workers simulated")
     say(f"{model_hp.model} on {data.name} ({loft_hp.method}): {full_params / 1e6:.2f}M params; "
         f"{len(plan.split)} split groups ({model_hp.preset}); per-worker parameter fraction {fractions}; "
         f"S={workers} L={loft_hp.local_steps} rounds={rounds} ({rounds_per_epoch}/epoch); {where}; "
-        f"{'channels_last; ' if out_hp.channels_last else ''}run dir {run_dir}", flush=True)
+        f"{'channels_last; ' if out_hp.channels_last else ''}run dir {run_dir}"
+        f"{f'; grid on {grid.layout.describe()}' if grid else ''}", flush=True)
     if resume_from is not None:
         say(f"resuming from {resume_from} (after round {start_round} of {rounds})", flush=True)
     elif ckpt_hp.resume:
