@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 
 import numpy as np
 import torch
@@ -112,7 +113,9 @@ class Checkpointer(Plugin):
             engine.release()
         save_file({**engine.strategy.state_dict(), **rng_tensors(self.generators)},
                   os.path.join(staging, f"rank{self.rank}.safetensors"))
-        rank_state = {"rank": self.rank, "loop": loop.progress_state(), "host_rng": host_rng(),
+        grid = engine.grid
+        rank_state = {"rank": self.rank, "grid": [grid.filter_index, grid.data_index] if grid else None,
+                      "loop": loop.progress_state(), "host_rng": host_rng(),
                       "streams": {str(k): s.state_dict() for k, s in self.streams.items()},
                       "comm": engine.comm.totals()}
         with open(os.path.join(staging, f"rank{self.rank}.json"), "w") as f:
@@ -172,10 +175,30 @@ def load_model(path: str, model: torch.nn.Module) -> int:
         return json.load(f)["round"]
 
 
+def rank_with_coords(path: str, grid, rank: int) -> int:
+    """The rank whose files hold this rank's grid coordinates (worker, replica): the same rank unless the
+    run was resumed under another --grid_order or the launcher numbered the nodes differently."""
+    if grid is None:
+        return rank
+    want = [grid.filter_index, grid.data_index]
+    for name in sorted(os.listdir(path)):
+        match = re.fullmatch(r"rank(\d+)\.json", name)
+        if not match:
+            continue
+        with open(os.path.join(path, name)) as f:
+            saved = json.load(f).get("grid")
+        if saved is None:  # written before coordinates were recorded: files are by rank
+            return rank
+        if saved == want:
+            return int(match.group(1))
+    return rank
+
+
 def restore(path: str, loop, streams: dict, generators: dict[str, torch.Generator], rank: int) -> None:
     """Everything but the model: engine tensors, loop and plugin state, streams, counters, RNG."""
     engine = loop.engine
-    files = [f"rank{rank}.safetensors", f"rank{rank}.json"]
+    saved_rank = rank_with_coords(path, engine.grid, rank)
+    files = [f"rank{saved_rank}.safetensors", f"rank{saved_rank}.json"]
     manifest = verify(path, only=files)
     tensors = load_file(os.path.join(path, files[0]))
     with open(os.path.join(path, files[1])) as f:
@@ -186,7 +209,7 @@ def restore(path: str, loop, streams: dict, generators: dict[str, torch.Generato
     for key, stream_state in state["streams"].items():
         streams[int(key)].load_state_dict(stream_state)
     for phase, c in state["comm"].items():
-        engine.comm.counters[phase] = Counter(c["bytes_sent"], c["bytes_received"], c["calls"])
+        engine.comm.counters[phase] = Counter.from_dict(c)
     for w in engine.workers:
         if w.ds_engine is not None:
             verify(path, only=[f for f in manifest["files"] if f.startswith("deepspeed/")])

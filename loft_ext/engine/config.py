@@ -8,6 +8,7 @@ from ..errors import ConfigError
 from ..images import BAD_IMAGE_POLICIES
 from ..hparams import Hparams, field
 from ..parallel.ds import CLIP_MODES
+from ..parallel.grid import GRID_ORDERS
 from ..parallel.sync import OPTIMIZER_STATE_MODES, STRATEGIES
 from ..partition.plan import PRESETS
 
@@ -137,6 +138,10 @@ class OutputHparams(Hparams):
                                 "pretraining and fine-tuning (timm's --channels-last: faster convolutions with "
                                 "bf16 on recent GPUs)")
     cpu: bool = field(False, "run on CPU even when GPUs are present (gloo instead of NCCL)")
+    grid_order: str = field("auto", "placement of the S x D grid on the nodes: replicas-within-node (a worker's D "
+                            "replicas on one node; the filter axis crosses nodes), workers-within-node (the "
+                            "other way round) or auto (replicas-within-node on more than one node); an execution "
+                            "choice, not part of the run's hash", GRID_ORDERS)
     data_workers: int = field(0, "DataLoader worker processes per rank for the training batches; the batches "
                               "do not depend on it (augmentation is seeded per sample)")
     tracker: str = field("wandb", "experiment tracker through Accelerate: wandb or none (files in the run "

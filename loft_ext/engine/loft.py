@@ -58,7 +58,7 @@ class LoFTEngine:
         self.seed = seed
         self.optimizer_state = optimizer_state
         self.grid = grid
-        self.comm = comm or Comm()
+        self.comm = comm or Comm(grid.nodes if grid is not None else None)
         local = range(plan.workers) if grid is None else [grid.filter_index]
         self.workers = [Worker(s, model, plan) for s in local]
         self.partition: Partition | None = None

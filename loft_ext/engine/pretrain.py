@@ -27,7 +27,7 @@ from ..hparams import hparams_hash
 from ..models import create_model
 from ..parallel import analytic, ds
 from ..parallel.ds import DeepSpeedConfigError, LoftMPU
-from ..parallel.grid import GridError, build_grid, check_world
+from ..parallel.grid import GridError, build_grid, check_world, plan_layout
 from ..parallel.sync import AllGatherSync
 from ..partition.plan import make_plan
 from ..plugins.base import Plugin
@@ -64,27 +64,19 @@ def build_plugins(det_hp: DetectorHparams, out_hp: OutputHparams, main: bool, pr
 
 
 def communication_report(engine, model, rounds: int, steps: int, elem: int) -> dict:
-    """Measured bytes per phase next to the analytic count for the same run and strategy."""
+    """Measured bytes per phase next to the analytic count for the same run, strategy and grid layout
+    (both split into intra-node and inter-node bytes)."""
     grid, plan = engine.grid, engine.plan
     copies = 1 if engine.optimizer_state == "carry" else 0  # SGD momentum: one state tensor per param
-    worker = grid.filter_index
-    if isinstance(engine.strategy, AllGatherSync):
-        sync_sent = sync_recv = analytic.allgather_round_bytes(model, plan, grid.world_size, elem, copies) * rounds
-    else:
-        sync_sent = sync_recv = 0.0
-        for r in range(rounds):
-            sent, recv = analytic.alltoall_round_bytes(model, plan, engine.draw(r), engine.draw(r + 1), worker,
-                                                       grid.world_size, elem, copies)
-            sync_sent, sync_recv = sync_sent + sent, sync_recv + recv
-    replica = analytic.replica_round_bytes(model, plan, worker, grid.replicas, elem) * rounds
-    measured = engine.comm.totals()
+    strategy = "allgather" if isinstance(engine.strategy, AllGatherSync) else "alltoall"
+    layout = grid.layout or plan_layout([0] * grid.world_size, grid.workers)
+    counted = analytic.rank_bytes(model, plan, layout, grid.rank, strategy, rounds, steps, elem, copies,
+                                  draw=engine.draw)
     return {
-        "rank": grid.rank, "worker": worker, "replica": grid.data_index, "workers": grid.workers,
+        "rank": grid.rank, "worker": grid.filter_index, "replica": grid.data_index, "workers": grid.workers,
         "replicas": grid.replicas, "strategy": engine.strategy.__class__.__name__, "rounds": rounds,
-        "measured": measured,
-        "analytic": {"sync": {"bytes_sent": sync_sent + replica, "bytes_received": sync_recv + replica},
-                     "dp_grad": {"bytes_sent": analytic.dp_grad_step_bytes(model, plan, worker, grid.replicas,
-                                                                           elem) * steps}},
+        "node": layout.nodes[grid.rank], "nodes": layout.nodes, "grid_order": layout.order,
+        "measured": engine.comm.totals(), "analytic": counted,
     }
 
 
@@ -176,7 +168,7 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
         prepare_run_dir(out_hp.output_dir, name, out_hp.force, ckpt_hp.resume)
         if not os.path.exists(os.path.join(run_dir, "summary.json")):
             truncate_logs(run_dir, start_round)  # a fresh start drops an earlier attempt's lines
-    grid = build_grid(workers) if world > 1 else None
+    grid = build_grid(workers, out_hp.grid_order, ckpt_hp.collective_timeout) if world > 1 else None
     if grid is not None:
         dist.barrier()  # the main process has prepared (or moved) the run directory
     if os.path.exists(os.path.join(run_dir, "summary.json")):
@@ -227,7 +219,8 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
     say(f"{model_hp.model} on {data.name} ({loft_hp.method}): {full_params / 1e6:.2f}M params; "
         f"{len(plan.split)} split groups ({model_hp.preset}); per-worker parameter fraction {fractions}; "
         f"S={workers} L={loft_hp.local_steps} rounds={rounds} ({rounds_per_epoch}/epoch); {where}; "
-        f"{'channels_last; ' if out_hp.channels_last else ''}run dir {run_dir}", flush=True)
+        f"{'channels_last; ' if out_hp.channels_last else ''}run dir {run_dir}"
+        f"{f'; grid on {grid.layout.describe()}' if grid else ''}", flush=True)
     if resume_from is not None:
         say(f"resuming from {resume_from} (after round {start_round} of {rounds})", flush=True)
     elif ckpt_hp.resume:
@@ -298,9 +291,13 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
         with open(os.path.join(run_dir, f"comm-rank{grid.rank}.json"), "w") as f:
             json.dump(report, f, indent=1)
         m, a = report["measured"].get("sync", {}), report["analytic"]["sync"]
+
+        def inter(counts):
+            return sum(counts.get(p, {}).get("inter_node_bytes_sent", 0.0) for p in ("sync", "dp_grad"))
         say(f"communication per rank (rank 0), sync: measured {m.get('bytes_sent', 0) / 2**20:.2f} MiB sent "
-            f"in {m.get('calls', 0)} calls, analytic {a['bytes_sent'] / 2**20:.2f} MiB; all phases in "
-            f"{run_dir}/comm-rank*.json", flush=True)
+            f"in {m.get('calls', 0)} calls, analytic {a['bytes_sent'] / 2**20:.2f} MiB; inter-node (sync + dp_grad) "
+            f"measured {inter(report['measured']) / 2**20:.2f} MiB, analytic {inter(report['analytic']) / 2**20:.2f} "
+            f"MiB; all phases in {run_dir}/comm-rank*.json", flush=True)
     sync = engine.comm.counters.get("sync")
     summary = {**metrics, "tickets": loop.state.tickets, "stopped_early": bool(loop.stop_reasons),
                "rounds_done": loop.state.round_index, "epochs_done": loop.state.round_index / rounds_per_epoch,

@@ -15,6 +15,11 @@ world W = S*D, b bytes per element:
 
 With ``optimizer_state=carry`` every per-entry state tensor (SGD momentum: one per parameter) counts
 like its parameter.
+
+Intra-node / inter-node (:func:`rank_bytes`), with the convention of :mod:`loft_ext.parallel.comm`:
+all-reduce and all-gather are rings over the group's ranks in rank order (a rank's sent bytes are
+inter-node when its successor is on another node, its received bytes when its predecessor is);
+all-to-all is direct (the bytes for a peer on another node are inter-node).
 """
 from __future__ import annotations
 
@@ -58,7 +63,16 @@ def allgather_round_bytes(model, plan, world: int, elem: int, state_copies: int 
 def alltoall_round_bytes(model, plan, part: Partition, next_part: Partition, worker: int, world: int,
                          elem: int, state_copies: int = 0) -> tuple[float, float]:
     """(sent, received) bytes of ``worker`` in the sync that ends round ``part``, under ``alltoall``."""
-    sent = received = 0.0
+    sent, received = alltoall_peer_bytes(model, plan, part, next_part, worker, elem, state_copies)
+    shared = shared_allreduce_bytes(model, plan, world, elem, state_copies)
+    return sum(sent) + shared, sum(received) + shared
+
+
+def alltoall_peer_bytes(model, plan, part: Partition, next_part: Partition, worker: int, elem: int,
+                        state_copies: int = 0) -> tuple[list[float], list[float]]:
+    """Split-tensor bytes ``worker`` sends to / receives from each worker t (0 for itself) in the
+    all_to_all that ends round ``part``."""
+    sent, received = [0.0] * plan.workers, [0.0] * plan.workers
     for name, n, copies in _float_tensors(model, state_copies):
         entries = plan.tensor_dims.get(name)
         if not entries:
@@ -70,10 +84,9 @@ def alltoall_round_bytes(model, plan, part: Partition, next_part: Partition, wor
         for t in range(plan.workers):
             if t == worker:
                 continue
-            sent += int(torch.isin(now[worker], nxt[t]).sum()) * per_unit * copies * elem
-            received += int(torch.isin(now[t], nxt[worker]).sum()) * per_unit * copies * elem
-    shared = shared_allreduce_bytes(model, plan, world, elem, state_copies)
-    return sent + shared, received + shared
+            sent[t] += int(torch.isin(now[worker], nxt[t]).sum()) * per_unit * copies * elem
+            received[t] += int(torch.isin(now[t], nxt[worker]).sum()) * per_unit * copies * elem
+    return sent, received
 
 
 def alltoall_expected_round_bytes(model, plan, world: int, elem: int, state_copies: int = 0) -> float:
@@ -98,3 +111,69 @@ def dp_grad_step_bytes(model, plan, worker: int, replicas: int, elem: int) -> fl
         return 0.0
     params = sum(_share(plan, name, p.numel(), worker) for name, p in model.named_parameters())
     return 2 * (replicas - 1) / replicas * elem * params
+
+
+def ring_crossing(ranks: list[int], rank: int, nodes: list[int]) -> tuple[bool, bool]:
+    """(successor on another node, predecessor on another node) of ``rank`` in the ring of ``ranks``."""
+    ranks = sorted(ranks)
+    i = ranks.index(rank)
+    return nodes[ranks[(i + 1) % len(ranks)]] != nodes[rank], nodes[ranks[i - 1]] != nodes[rank]
+
+
+class _Tally:
+    def __init__(self):
+        self.sent = self.received = self.inter_sent = self.inter_received = 0.0
+
+    def ring(self, moved: float, ranks: list[int], rank: int, nodes: list[int]) -> None:
+        out, into = ring_crossing(ranks, rank, nodes)
+        self.sent += moved
+        self.received += moved
+        self.inter_sent += moved if out else 0.0
+        self.inter_received += moved if into else 0.0
+
+    def to_dict(self) -> dict:
+        return {"bytes_sent": self.sent, "bytes_received": self.received,
+                "inter_node_bytes_sent": self.inter_sent, "inter_node_bytes_received": self.inter_received}
+
+
+def rank_bytes(model, plan, layout, rank: int, strategy: str, rounds: int, steps: int, elem: int,
+               state_copies: int = 0, draw=None, expected: bool = False) -> dict:
+    """Analytic bytes of one rank of a grid ``layout`` (:class:`loft_ext.parallel.grid.Layout`) over
+    ``rounds`` rounds and ``steps`` local steps, split into intra-node and inter-node: ``{"sync": ...,
+    "dp_grad": ...}``, each with bytes_sent/received and inter_node_bytes_sent/received.
+
+    ``alltoall`` needs ``draw(r)`` (the partition of round r) for the exact count, or ``expected`` for
+    the expectation over random partitions (even splits)."""
+    worker, replica = layout.coords[rank]
+    world, nodes = len(layout.coords), layout.nodes
+    everyone, filter_ranks, data_ranks = list(range(world)), layout.filter_ranks(replica), layout.data_ranks(worker)
+    sync, grad = _Tally(), _Tally()
+    shared = shared_allreduce_bytes(model, plan, world, elem, state_copies)
+    if strategy == "allgather":
+        gather = allgather_round_bytes(model, plan, world, elem, state_copies) - shared
+        sync.ring(gather * rounds, filter_ranks, rank, nodes)
+    elif expected:
+        S = plan.workers
+        split = sum(n * c for name, n, c in _float_tensors(model, state_copies) if name in plan.tensor_dims)
+        per_peer = elem * split / S ** 2 * rounds  # expected bytes to each other worker
+        for t, r in enumerate(filter_ranks):
+            if t != worker:
+                far = nodes[r] != nodes[rank]
+                sync.sent += per_peer
+                sync.received += per_peer
+                sync.inter_sent += per_peer if far else 0.0
+                sync.inter_received += per_peer if far else 0.0
+    else:
+        for k in range(rounds):
+            sent, received = alltoall_peer_bytes(model, plan, draw(k), draw(k + 1), worker, elem, state_copies)
+            for t, r in enumerate(filter_ranks):
+                far = nodes[r] != nodes[rank]
+                sync.sent += sent[t]
+                sync.received += received[t]
+                sync.inter_sent += sent[t] if far else 0.0
+                sync.inter_received += received[t] if far else 0.0
+    sync.ring(shared * rounds, everyone, rank, nodes)
+    if layout.replicas > 1:
+        sync.ring(replica_round_bytes(model, plan, worker, layout.replicas, elem) * rounds, data_ranks, rank, nodes)
+        grad.ring(dp_grad_step_bytes(model, plan, worker, layout.replicas, elem) * steps, data_ranks, rank, nodes)
+    return {"sync": sync.to_dict(), "dp_grad": grad.to_dict()}
