@@ -33,10 +33,10 @@ run-single: $(STAMP)
 	$(PY) recipes/loft_timm.py $(ARGS)
 
 test: $(STAMP)
-	WANDB_MODE=disabled OMP_NUM_THREADS=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+	WANDB_MODE=disabled OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	WANDB_MODE=disabled OMP_NUM_THREADS=1 $(PY) -m pytest -q -m 'not slow' $(PYTEST_ARGS)
+	WANDB_MODE=disabled OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup -m 'not slow' $(PYTEST_ARGS)
 
 # every benchmark (communication, step time, memory, sync time, ticket speed; several minutes on 2 CPU cores), one table
 # of ratios vs targets: docs/results/bench.txt, raw numbers in docs/results/bench.json (docs/results.md)

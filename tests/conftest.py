@@ -14,6 +14,26 @@ FAMILIES = ["resnet18", "resnet34", "resnet50", "resnet26d", "wide_resnet50_2", 
             "efficientnet_b0", "mobilenetv3_small_100", "regnetx_002"]
 
 
+# tests that start process groups (torchrun, accelerate launch, deepspeed; fixed rendezvous ports) run one
+# after another on one pytest-xdist worker (`make test` uses -n 2 --dist loadgroup); the rest run beside them
+_LAUNCHING_MODULES = {"test_distributed", "test_reliability", "test_deepspeed", "test_grid", "test_bench",
+                      "test_study", "test_gpu_check"}
+_LAUNCH_WORDS = ("torchrun", "\"launch\"", "--num_gpus", "_launch(", "_kill_a_rank", "nproc_per_node", "--nnodes")
+
+
+def pytest_collection_modifyitems(config, items):
+    import inspect
+
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        try:
+            source = inspect.getsource(item.function)
+        except (OSError, TypeError):
+            source = ""
+        if module in _LAUNCHING_MODULES or any(word in source for word in _LAUNCH_WORDS):
+            item.add_marker(pytest.mark.xdist_group("processes"))
+
+
 @pytest.fixture(scope="session")
 def model_cache():
     """timm models by name, built once per session with a fixed seed (tests deep-copy before mutating)."""
@@ -63,3 +83,16 @@ def check_pretrain_bytes(run_dir, row, table=None):
         end = lines[at].index("pre MiB") + len("pre MiB")  # cells are right-aligned under their title
         assert lines[at + 1][:end].split()[-1] == f"{row['pretrain_bytes'] / 2 ** 20:.1f}"
     return phases
+
+
+def randomise_bn(model, seed=0):
+    """Random BatchNorm affine parameters and statistics, so that eval-mode outputs depend on every channel."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model

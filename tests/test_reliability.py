@@ -281,7 +281,8 @@ def test_same_seed_gives_the_same_tickets_and_metrics_twice(tmp_path):
     assert a.name == b.name
     tickets = sorted(p.name for p in (a / "tickets").iterdir())
     assert len(tickets) == 2 and tickets == sorted(p.name for p in (b / "tickets").iterdir())
-    timing = {"pretrain_wall_s", "prune_wall_s", "finetune_wall_s", "latency_ms", "dense_latency_ms", "dir"}
+    timing = {"pretrain_wall_s", "prune_wall_s", "finetune_wall_s", "latency_ms", "dense_latency_ms", "speedup",
+              "dir"}
     for t in tickets:
         for f in ("masks.safetensors", "finetuned.safetensors"):
             assert (a / "tickets" / t / f).read_bytes() == (b / "tickets" / t / f).read_bytes(), f

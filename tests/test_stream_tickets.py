@@ -17,19 +17,9 @@ from loft_ext.tickets.masks import MaskEnforcer
 from loft_ext.tickets.prune import structured_ticket, unit_scores
 from loft_ext.tickets.stream import group_scores, stream_groups, with_streams
 
+from conftest import randomise_bn
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _randomise_bn(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-    return model
 
 
 def test_resnet18_streams_couple_every_block_downsample_norm_and_head(model_cache):
@@ -62,7 +52,7 @@ def test_resnet18_streams_couple_every_block_downsample_norm_and_head(model_cach
 @pytest.mark.parametrize("name,size", [("resnet18", 32), ("resnet50", 32), ("efficientnet_b0", 32),
                                        ("regnetx_002", 32)])
 def test_stream_compact_equals_masked(model_cache, name, size):
-    model = _randomise_bn(copy.deepcopy(model_cache(name))).eval()
+    model = randomise_bn(copy.deepcopy(model_cache(name))).eval()
     shape = (1, 3, size, size)
     plan = make_plan(model, 1, "all", shape, name)
     hidden = compact_model(model, structured_ticket(model, plan, 0.5))
@@ -132,7 +122,7 @@ def test_exported_ticket_loads_without_loft_ext(model_cache, tmp_path):
         fmt = "pt2+onnx"
     except ImportError:
         fmt = "pt2"
-    model = _randomise_bn(copy.deepcopy(model_cache("resnet18"))).eval()
+    model = randomise_bn(copy.deepcopy(model_cache("resnet18"))).eval()
     plan = make_plan(model, 1, "all", (1, 3, 32, 32), "resnet18")
     ticket = structured_ticket(model, plan, 0.8, "hidden+stream")
     masked = copy.deepcopy(model)

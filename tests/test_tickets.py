@@ -12,17 +12,7 @@ from loft_ext.tickets.masks import MaskEnforcer, load_masks, save_masks
 from loft_ext.tickets.prune import (PruneError, magnitude_masks, random_ticket_like, structured_ticket,
                                     unit_scores)
 
-
-def _randomise_bn(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-    return model
+from conftest import randomise_bn
 
 
 def test_structured_keeps_the_exact_fraction_and_the_largest_norms(model_cache):
@@ -178,7 +168,7 @@ def test_rewinding_restores_survivors_exactly(model_cache, tmp_path):
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnetv2_50", "efficientnet_b0", "mobilenetv3_small_100"])
 def test_compact_export_equals_the_masked_model(model_cache, tmp_path, name):
-    model = _randomise_bn(copy.deepcopy(model_cache(name))).eval()
+    model = randomise_bn(copy.deepcopy(model_cache(name))).eval()
     plan = make_plan(model, 1, "all", model_name=name)
     ticket = structured_ticket(model, plan, 0.5)
     masked = copy.deepcopy(model)

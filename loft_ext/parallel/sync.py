@@ -69,7 +69,22 @@ def _opt_tensors(opt_state: dict) -> dict[str, torch.Tensor]:
             for key, v in state.items() if torch.is_tensor(v)}
 
 
-class LocalSync:
+class _OptStateOwner:
+    """The optimizer state a strategy carries across rounds, saved and restored as flat tensors."""
+
+    opt_state: dict[str, dict[str, torch.Tensor]]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return _opt_tensors(self.opt_state)
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], device=None) -> None:
+        for key, value in tensors.items():
+            kind, name, state_key = key.split("|")
+            if kind == "opt":
+                self.opt_state.setdefault(name, {})[state_key] = value.to(device)
+
+
+class LocalSync(_OptStateOwner):
     """All S workers in one process: write-back by disjoint copies, shared tensors by in-order means."""
 
     def __init__(self, workers, plan, optimizer_state: str):
@@ -120,14 +135,6 @@ class LocalSync:
     def release(self) -> None:
         pass
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return _opt_tensors(self.opt_state)
-
-    def load_state_dict(self, tensors: dict[str, torch.Tensor], device=None) -> None:
-        for key, value in tensors.items():
-            kind, name, state_key = key.split("|")
-            if kind == "opt":
-                self.opt_state.setdefault(name, {})[state_key] = value.to(device)
 
 
 def _pack(tensors: list[torch.Tensor], length: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -168,7 +175,7 @@ def _unpack(flat: torch.Tensor, shapes: list[tuple[int, ...]]) -> list[torch.Ten
     return out
 
 
-class _Strategy:
+class _Strategy(_OptStateOwner):
     """What both strategies share: the local worker, items to move, shared averaging."""
 
     def __init__(self, worker, plan, grid, comm, optimizer_state: str, draw):
@@ -283,14 +290,6 @@ class AllGatherSync(_Strategy):
     def release(self) -> None:
         pass
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return _opt_tensors(self.opt_state)
-
-    def load_state_dict(self, tensors: dict[str, torch.Tensor], device=None) -> None:
-        for key, value in tensors.items():
-            kind, name, state_key = key.split("|")
-            if kind == "opt":
-                self.opt_state.setdefault(name, {})[state_key] = value.to(device)
 
 
 class AllToAllSync(_Strategy):
