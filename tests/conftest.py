@@ -1,4 +1,6 @@
 import os
+import socket
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -9,6 +11,33 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+BIN = os.path.dirname(sys.executable)
+
+
+def free_port() -> int:
+    """A TCP port no one listens on now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher(name: str, nproc: int) -> list[str]:
+    """The command line that starts ``nproc`` local processes with ``name`` (torchrun, accelerate, deepspeed),
+    each launch on its own free rendezvous port: the launchers' shared default (29500) clashes when two launches
+    overlap (pytest-xdist) or a killed run's socket lingers. Accelerate runs need ``ACCELERATE_USE_CPU=1``."""
+    port = str(free_port())
+    if name == "torchrun":
+        return [os.path.join(BIN, "torchrun"), "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+                "--master_port", port]
+    if name == "accelerate":
+        return [os.path.join(BIN, "accelerate"), "launch", "--multi_gpu", "--num_processes", str(nproc),
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", port]
+    if name == "deepspeed":
+        return [os.path.join(BIN, "deepspeed"), "--num_gpus", str(nproc), "--master_port", port]
+    raise ValueError(f"unknown launcher {name!r}")
+
+
 # the families the partition engine must support (issue 2)
 FAMILIES = ["resnet18", "resnet34", "resnet50", "resnet26d", "wide_resnet50_2", "resnetv2_50",
             "efficientnet_b0", "mobilenetv3_small_100", "regnetx_002"]
@@ -18,7 +47,7 @@ FAMILIES = ["resnet18", "resnet34", "resnet50", "resnet26d", "wide_resnet50_2", 
 # after another on one pytest-xdist worker (`make test` uses -n 2 --dist loadgroup); the rest run beside them
 _LAUNCHING_MODULES = {"test_distributed", "test_reliability", "test_deepspeed", "test_grid", "test_bench",
                       "test_study", "test_gpu_check"}
-_LAUNCH_WORDS = ("torchrun", "\"launch\"", "--num_gpus", "_launch(", "_kill_a_rank", "nproc_per_node", "--nnodes")
+_LAUNCH_WORDS = ("launcher(", "torchrun", "\"launch\"", "--num_gpus", "_launch(", "_kill_a_rank", "nproc_per_node", "--nnodes")
 
 
 def pytest_collection_modifyitems(config, items):

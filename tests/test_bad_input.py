@@ -233,6 +233,27 @@ def test_world_size_not_a_multiple_of_workers(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_a_rendezvous_port_in_use_is_one_clear_error(tmp_path):
+    """What the deepspeed launcher's rank 0 meets when another run holds its port (seen in CI): one line that
+    names the port and the launchers' port flags, not a DistNetworkError traceback."""
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "RANK": "0",
+               "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port)}
+        proc = subprocess.run([sys.executable, RECIPE, *TINY, "--output_dir", str(tmp_path / "out")],
+                              capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: the rendezvous port {port} is already in use (another run or launcher holds it): pick a free one "
+        "with `torchrun --master_port N` (or `--standalone`), `accelerate launch --main_process_port N` or "
+        "`deepspeed --master_port N`"]
+
+
 def test_unreadable_image_list_names_every_file(tmp_path):
     from loft_ext.data import DataError, load_dataset
 

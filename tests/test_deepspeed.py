@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from conftest import free_port, launcher
 from loft_ext.parallel.ds import DeepSpeedConfigError, LoftMPU, load_ds_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,7 +98,7 @@ def _lines(run_dir, rank, key):
 
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory):
-    _, run_dir = _launch([os.path.join(BIN, "torchrun"), "--nproc_per_node", "2"], tmp_path_factory.mktemp("plain"))
+    _, run_dir = _launch(launcher("torchrun", 2), tmp_path_factory.mktemp("plain"))
     return [x["assembled"] for x in _lines(run_dir, 0, "assembled")]
 
 
@@ -106,7 +107,7 @@ def plain(tmp_path_factory):
 def test_deepspeed_loft_equals_plain_torch_loft(tmp_path, plain, config):
     # ZeRO-1 also runs the whole pipeline: one ticket, fine-tuned (under DDP) in the deepspeed launch
     ticket = ["--ratios", "0.5", "--finetune_epochs", "1"] if config.startswith("zero1") else []
-    proc, run_dir = _launch([os.path.join(BIN, "deepspeed"), "--num_gpus", "2"], tmp_path,
+    proc, run_dir = _launch(launcher("deepspeed", 2), tmp_path,
                             ["--deepspeed", "--deepspeed_config", os.path.join(ROOT, "ds_configs", config), *ticket])
     assert "2 processes = S=2 x D=1 (allgather, gloo, DeepSpeed)" in proc.stdout
     for rank in (0, 1):
@@ -122,7 +123,7 @@ def test_deepspeed_loft_equals_plain_torch_loft(tmp_path, plain, config):
 
 @pytest.mark.slow
 def test_deepspeed_four_processes_two_workers_two_replicas(tmp_path):
-    proc, run_dir = _launch([os.path.join(BIN, "deepspeed"), "--num_gpus", "4"], tmp_path,
+    proc, run_dir = _launch(launcher("deepspeed", 4), tmp_path,
                             ["--deepspeed", "--deepspeed_config",
                              os.path.join(ROOT, "ds_configs", "zero0_fp32_cpu_s2d2.json"), "--workers", "2"])
     assert "4 processes = S=2 x D=2" in proc.stdout
@@ -141,7 +142,7 @@ def test_accelerate_launch_use_deepspeed_passes_the_loft_mpu(tmp_path, plain):
     """`accelerate launch --use_deepspeed --deepspeed_config_file F`: Accelerate starts the processes,
     loft_ext builds each worker's engine with the LoFT mpu from F; the same models as plain LoFT."""
     cmd = [os.path.join(BIN, "accelerate"), "launch", "--use_deepspeed", "--num_processes", "2", "--num_machines",
-           "1", "--deepspeed_config_file", os.path.join(ROOT, "ds_configs", "zero1_fp32_cpu.json"),
+           "1", "--main_process_port", str(free_port()), "--deepspeed_config_file", os.path.join(ROOT, "ds_configs", "zero1_fp32_cpu.json"),
            "--mixed_precision", "no", "--dynamo_backend", "no"]
     proc = subprocess.run(cmd + [RECIPE, *FAST, "--output_dir", str(tmp_path)], capture_output=True, text=True,
                           env={**ENV, "ACCELERATE_USE_CPU": "1"}, cwd=ROOT, timeout=900)

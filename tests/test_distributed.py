@@ -11,10 +11,10 @@ import sys
 
 import pytest
 from conftest import check_pretrain_bytes
+from conftest import launcher as launcher_cmd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "recipes", "loft_timm.py")
-BIN = os.path.dirname(sys.executable)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
        "PYTHONUNBUFFERED": "1"}
 FAST = ["--rounds", "3", "--local_steps", "2", "--batch_size", "32", "--bn_recalibration_batches", "1",
@@ -24,13 +24,9 @@ pytestmark = pytest.mark.slow
 
 
 def _launch(launcher, nproc, args, out):
-    if launcher == "torchrun":
-        cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", str(nproc), RECIPE]
-        env = ENV
-    elif launcher == "accelerate":
-        cmd = [os.path.join(BIN, "accelerate"), "launch", "--multi_gpu", "--num_processes", str(nproc),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", RECIPE]
-        env = {**ENV, "ACCELERATE_USE_CPU": "1"}
+    if launcher in ("torchrun", "accelerate"):
+        cmd = launcher_cmd(launcher, nproc) + [RECIPE]
+        env = {**ENV, "ACCELERATE_USE_CPU": "1"} if launcher == "accelerate" else ENV
     else:
         cmd, env = [sys.executable, RECIPE], ENV
     proc = subprocess.run(cmd + args + ["--output_dir", str(out)], capture_output=True, text=True,

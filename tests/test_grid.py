@@ -4,12 +4,12 @@ of the analytic communication count, and two "nodes" on one machine (two torchru
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
+from conftest import free_port, launcher
 
 from loft_ext.parallel import analytic
 from loft_ext.parallel.grid import GridError, node_key, plan_layout
@@ -93,12 +93,6 @@ def test_analytic_inter_node_bytes_of_both_layouts(model_cache):
 
 
 # ------------------------------------------------------------------- two nodes on loopback (one scenario)
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _node(node_rank: int, port: int, args, out, log):
     cmd = [os.path.join(BIN, "torchrun"), "--nnodes", "2", "--node_rank", str(node_rank), "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(port), RECIPE, *args, "--output_dir", str(out)]
@@ -146,7 +140,7 @@ def test_two_nodes_on_loopback_equal_one_node_lose_a_node_and_resume(tmp_path):
             "--collective_timeout", str(timeout), "--distance_layers", "none", "--earlybird", "false"]
     t0 = time.time()
     # the reference: one node, 4 processes, the same grid coordinates the two nodes get
-    ref = subprocess.run([os.path.join(BIN, "torchrun"), "--nproc_per_node", "4", RECIPE, *args,
+    ref = subprocess.run([*launcher("torchrun", 4), RECIPE, *args,
                           "--grid_order", "replicas-within-node", "--output_dir", str(tmp_path / "one")],
                          capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
     assert ref.returncode == 0, ref.stderr[-3000:]
@@ -157,7 +151,7 @@ def test_two_nodes_on_loopback_equal_one_node_lose_a_node_and_resume(tmp_path):
 
     # two nodes; node 1 is lost after the first checkpoint
     two = tmp_path / "two"
-    port = _free_port()
+    port = free_port()
     nodes = [_node(n, port, args, two, tmp_path / f"first{n}") for n in (0, 1)]
     deadline = time.time() + 300
     while time.time() < deadline and not (two.exists() and any(two.iterdir())
@@ -182,7 +176,7 @@ def test_two_nodes_on_loopback_equal_one_node_lose_a_node_and_resume(tmp_path):
 
     t2 = time.time()
     # both nodes rerun the same command with --resume latest
-    port = _free_port()
+    port = free_port()
     nodes = [_node(n, port, args + ["--resume", "latest"], two, tmp_path / f"again{n}") for n in (0, 1)]
     for n, proc in enumerate(nodes):
         assert proc.wait(timeout=600) == 0, (tmp_path / f"again{n}.err").read_text()[-3000:]

@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 
 import loft_ext
+from conftest import launcher
 from loft_ext.data import BatchStream, load_digits_dataset
 from loft_ext.partition.subnet import read_slice, write_slice
 from loft_ext.plugins.registry import PluginNotFound
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.dirname(sys.executable)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
        "PYTHONUNBUFFERED": "1"}
 HELPER_LOOP = os.path.join(ROOT, "tests", "helper_loop.py")
@@ -265,11 +265,10 @@ def test_user_loop_equals_recipe_in_one_process_torchrun_and_accelerate_and_resu
 
     runs = {
         "one": [[sys.executable, HELPER_LOOP]],
-        "torchrun": [[os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", HELPER_LOOP, "--save_at", "5"],
-                     [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", HELPER_LOOP, "--resume",
+        "torchrun": [launcher("torchrun", 2) + [HELPER_LOOP, "--save_at", "5"],
+                     launcher("torchrun", 2) + [HELPER_LOOP, "--resume",
                       str(tmp_path / "torchrun" / "state")]],
-        "accelerate": [[os.path.join(BIN, "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", HELPER_LOOP]],
+        "accelerate": [launcher("accelerate", 2) + [HELPER_LOOP]],
     }
     for name, commands in runs.items():
         for cmd in commands:
@@ -309,14 +308,12 @@ def test_custom_loop_reaches_the_recipe_accuracy_on_the_same_budget(tmp_path):
     worker the whole set each epoch; the custom loop's prepared loader gives each process half of it, so 6
     epochs. The custom loop must come within 1 point of the recipe, or better."""
     out = tmp_path / "custom.json"
-    proc = subprocess.run([os.path.join(BIN, "torchrun"), "--nproc_per_node", "2",
-                           os.path.join(ROOT, "recipes", "custom_loop.py"), "--epochs", "6", "--output", str(out)],
+    proc = subprocess.run([*launcher("torchrun", 2), os.path.join(ROOT, "recipes", "custom_loop.py"), "--epochs", "6", "--output", str(out)],
                           env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     custom = json.loads(out.read_text())
     assert custom["world"] == 2
-    recipe = subprocess.run([os.path.join(BIN, "torchrun"), "--nproc_per_node", "2",
-                             os.path.join(ROOT, "recipes", "loft_timm.py"), "--epochs", "3", "--ratios", "",
+    recipe = subprocess.run([*launcher("torchrun", 2), os.path.join(ROOT, "recipes", "loft_timm.py"), "--epochs", "3", "--ratios", "",
                              "--tracker", "none", "--output_dir", str(tmp_path / "recipe")],
                             env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert recipe.returncode == 0, recipe.stderr[-3000:]

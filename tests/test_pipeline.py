@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import check_pretrain_bytes
+from conftest import check_pretrain_bytes, launcher
 from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,8 +56,7 @@ def test_pipeline_writes_tickets_and_summary_rows(tmp_path, method, ticket, scor
 
 
 def test_pipeline_on_two_processes_keeps_pruned_weights_zero(tmp_path):
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    proc = _run([torchrun, "--nproc_per_node", "2", RECIPE], tmp_path, ["--ratios", "0.5", "--ticket", "unstructured"])
+    proc = _run(launcher("torchrun", 2) + [RECIPE], tmp_path, ["--ratios", "0.5", "--ticket", "unstructured"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     (row,) = json.loads((run_dir / "summary.json").read_text())["ticket_rows"]

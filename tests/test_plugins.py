@@ -14,6 +14,7 @@ from loft_ext.engine.helper import LoFT, LoFTConfig
 from loft_ext.engine.loop import fit
 from loft_ext.plugins.distance import DistanceStop, FilterDistance
 from loft_ext.plugins.earlybird import EarlyBird
+from conftest import launcher
 from wandb_offline import history_keys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,8 +100,7 @@ def test_detectors_fire_in_the_same_round_on_every_rank_and_stop(tmp_path):
     args = ["--rounds", "30", "--local_steps", "2", "--batch_size", "32", "--bn_recalibration_batches", "1",
             "--distance_every", "1", "--earlybird_every", "1", "--distance_stop", "--earlybird_stop",
             "--debug_hashes", "--ratios", "", "--output_dir", str(tmp_path)]
-    proc = subprocess.run([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "2",
-                           RECIPE, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    proc = subprocess.run([*launcher("torchrun", 2), RECIPE, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
 

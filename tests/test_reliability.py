@@ -13,12 +13,12 @@ import sys
 import time
 
 import pytest
+from conftest import launcher
 
 from loft_ext.checkpoint import CheckpointError, CheckpointStore, verify
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "recipes", "loft_timm.py")
-BIN = os.path.dirname(sys.executable)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
        "PYTHONUNBUFFERED": "1"}
 sys.path.insert(0, os.path.join(ROOT, "recipes"))
@@ -191,13 +191,7 @@ KILL = ["--rounds", "16", "--local_steps", "2", "--batch_size", "32", "--bn_reca
 
 
 def _launcher(name, nproc):
-    if name == "torchrun":
-        return [os.path.join(BIN, "torchrun"), "--standalone", "--nproc_per_node", str(nproc)], ENV
-    if name == "accelerate":
-        return ([os.path.join(BIN, "accelerate"), "launch", "--multi_gpu", "--num_processes", str(nproc),
-                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"],
-                {**ENV, "ACCELERATE_USE_CPU": "1"})
-    return [os.path.join(BIN, "deepspeed"), "--num_gpus", str(nproc)], ENV
+    return launcher(name, nproc), ({**ENV, "ACCELERATE_USE_CPU": "1"} if name == "accelerate" else ENV)
 
 
 def _rank_pid(out_dir, local_rank):

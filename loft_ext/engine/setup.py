@@ -48,8 +48,17 @@ def start_accelerator(out_hp: OutputHparams, wandb: bool, collective_timeout: fl
     cpu = out_hp.cpu or not torch.cuda.is_available()
     check_mixed_precision(out_hp.mixed_precision, "cpu" if cpu else "cuda")
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout))
-    accelerator = Accelerator(cpu=cpu, mixed_precision=out_hp.mixed_precision,
-                              log_with="wandb" if wandb else None, kwargs_handlers=[timeout])
+    try:
+        accelerator = Accelerator(cpu=cpu, mixed_precision=out_hp.mixed_precision,
+                                  log_with="wandb" if wandb else None, kwargs_handlers=[timeout])
+    except torch.distributed.DistNetworkError as exc:
+        if "EADDRINUSE" not in str(exc) and "address already in use" not in str(exc):
+            raise
+        port = os.environ.get("MASTER_PORT", "?")
+        raise ConfigError(
+            f"the rendezvous port {port} is already in use (another run or launcher holds it): pick a free "
+            "one with `torchrun --master_port N` (or `--standalone`), `accelerate launch --main_process_port N` "
+            "or `deepspeed --master_port N`") from None
     expected = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != expected:
         raise ConfigError(
