@@ -130,6 +130,7 @@ CASES = {
     "workers_below_one": (["--workers", "0"], "--workers must be >= 1", None),
     "workers_wider_than_every_group": (["--workers", "100000", "--preset", "all"], "fewer than S=100000", None),
     "local_steps_below_one": (["--local_steps", "0"], "--local_steps must be >= 1", None),
+    "negative_rounds": (["--rounds", "-1"], "--rounds must be >= 0", None),
     "negative_data_workers": (["--data_workers", "-1"], "--data_workers must be >= 0", None),
     "finetune_batch_larger_than_the_data": (["--ratios", "0.5", "--finetune_batch_size", "5000"],
                                             "fewer than one fine-tuning batch of --finetune_batch_size 5000", None),

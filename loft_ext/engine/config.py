@@ -178,6 +178,8 @@ def validate(model_hp, data_hp, loft_hp, train_hp, det_hp) -> None:
         (loft_hp.local_steps >= 1, f"--local_steps must be >= 1 (got {loft_hp.local_steps})"),
         (data_hp.batch_size >= 1, f"--batch_size must be >= 1 (got {data_hp.batch_size})"),
         (data_hp.eval_batch_size >= 1, f"--eval_batch_size must be >= 1 (got {data_hp.eval_batch_size})"),
+        (train_hp.rounds >= 0, f"--rounds must be >= 0 (got {train_hp.rounds}; 0 = train for --epochs)"),
+        (train_hp.epochs >= 0, f"--epochs must be >= 0 (got {train_hp.epochs})"),
         (train_hp.epochs >= 1 or train_hp.rounds >= 1, "set --epochs >= 1 or --rounds >= 1"),
         (train_hp.lr > 0, f"--lr must be > 0 (got {train_hp.lr})"),
         (0 <= train_hp.momentum < 1, f"--momentum must be in [0, 1) (got {train_hp.momentum})"),
