@@ -1,6 +1,7 @@
 """Plugins on real runs: distance products, W&B offline files, state save/load, ranks agreeing."""
 import copy
 import glob
+import hashlib
 import json
 import os
 import subprocess
@@ -15,7 +16,8 @@ from loft_ext.engine.loop import fit
 from loft_ext.plugins.distance import DistanceStop, FilterDistance
 from loft_ext.plugins.earlybird import EarlyBird
 from conftest import launcher
-from wandb_offline import history_keys
+from loft_ext.ticket_runs import TICKET_CONFIG_KEYS, TICKET_SUMMARY_KEYS
+from wandb_offline import history_keys, runs_by_job_type
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "recipes", "loft_timm.py")
@@ -27,7 +29,9 @@ SMALL = ["--rounds", "6", "--local_steps", "2", "--batch_size", "32", "--bn_reca
 @pytest.mark.parametrize("method", ["loft", "dense"])
 def test_run_writes_distance_products_and_a_wandb_offline_run(tmp_path, method):
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, RECIPE, *SMALL, "--method", method, "--output_dir", str(tmp_path)],
+    # loft also draws two tickets, for the per-ticket W&B runs (checked below)
+    tickets = ["--ratios", "0.5,0.8", "--finetune_epochs", "1", "--finetune_batch_size", "256"] if method == "loft" else []
+    proc = subprocess.run([sys.executable, RECIPE, *SMALL, *tickets, "--method", method, "--output_dir", str(tmp_path)],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"({method})" in proc.stdout
@@ -46,16 +50,54 @@ def test_run_writes_distance_products_and_a_wandb_offline_run(tmp_path, method):
     assert any("distance/consecutive" in r for r in lines) and any("earlybird/max_mask_distance" in r for r in lines)
     workers = 2 if method == "loft" else 1
     assert all(len(r["worker_loss"]) == workers for r in rounds)
-    # the W&B offline run: history keys, the table and the images
-    (wandb_file,) = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "run-*.wandb"))
-    keys, rows = history_keys(wandb_file)
+    # the W&B offline pretraining run: history keys, the table and the images
+    runs = runs_by_job_type(run_dir / "wandb")
+    (pretrain,) = runs["pretrain"]
+    keys, rows = history_keys(pretrain["path"])
     expected = {"lr", "bytes_sent", "epoch/test_acc", "distance/consecutive", "earlybird/max_mask_distance",
                 "distance/layers/_type", "distance/heatmaps/_type", "distance/to_last/_type"}
     expected |= {f"worker_loss/{w}" for w in range(workers)}
     assert expected <= keys, expected - keys
-    media = glob.glob(str(run_dir / "wandb" / "offline-run-*" / "files" / "media" / "**" / "*"), recursive=True)
+    media = glob.glob(os.path.join(os.path.dirname(pretrain["path"]), "files", "media", "**", "*"), recursive=True)
     assert any(m.endswith(".table.json") for m in media)
     assert sum(m.endswith(".png") for m in media) == 3
+    # the pretrained model as an artifact, named by the run directory, with the file's hash
+    (model,) = [a for a in pretrain["artifacts"] if a["type"] == "model"]
+    sha = hashlib.sha256((run_dir / "model.safetensors").read_bytes()).hexdigest()
+    assert model["name"] == f"model-{run_dir.name}" and model["metadata"]["sha256"] == sha
+    assert model["files"] == ["model.safetensors"]
+    if method == "loft":
+        _check_ticket_runs(run_dir, runs, pretrain, model["name"], sha)
+    else:
+        assert set(runs) == {"pretrain"}
+
+
+def _check_ticket_runs(run_dir, runs, pretrain, model_name, model_sha):
+    """One W&B run per ticket, the same config and summary keys for each, the values of summary.json,
+    and the lineage model -> ticket -> fine-tuning as artifacts and their metadata (offline)."""
+    rows = {r["ratio"]: r for r in json.loads((run_dir / "summary.json").read_text())["ticket_rows"]}
+    tickets = {t["config"]["ratio"]: t for t in runs["ticket"]}
+    assert sorted(tickets) == sorted(rows) == [0.5, 0.8]
+    for ratio, t in tickets.items():
+        summary = {k: v for k, v in t["summary"].items() if not k.startswith("_")}
+        assert set(t["config"]) == set(TICKET_CONFIG_KEYS) and set(summary) == set(TICKET_SUMMARY_KEYS)
+        assert t["group"] == pretrain["group"] == "resnet18-digits"
+        row = rows[ratio]
+        assert {k: t["config"][k] for k in ("method", "dataset", "S", "ticket", "score", "pretrain_run")} == \
+            {"method": "loft", "dataset": "digits", "S": 2, "ticket": "structured", "score": "l2",
+             "pretrain_run": run_dir.name}
+        for key in ("kept_params", "params", "kept_flops", "test_acc", "total_bytes", "samples_per_worker",
+                    "detector_round", "detector_epoch"):
+            assert summary[key] == row[key], key
+        assert summary["oneshot_test_acc"] is None  # fine-tuned: its one-shot accuracy was not measured
+        assert 0 < summary["kept_params"] < summary["params"]
+        (art,) = t["artifacts"]
+        assert art["type"] == "ticket" and art["name"] == f"ticket-{run_dir.name}-{os.path.basename(row['dir'])}"
+        assert art["metadata"]["pretrained_model"] == {"artifact": model_name, "file": "model.safetensors",
+                                                       "sha256": model_sha}
+        assert {"masks.safetensors", "masks.json", "compact/compact.safetensors"} <= set(art["files"])
+    (finetune,) = runs["finetune"]
+    assert finetune["summary"]["ticket_artifacts"] == sorted(t["artifacts"][0]["name"] for t in tickets.values())
 
 
 def _loop(base, data, rounds, plugins, streams=None):

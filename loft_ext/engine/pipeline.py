@@ -31,6 +31,7 @@ from ..tickets.finetune import OPTIMIZERS, finetune
 from ..tickets.masks import save_masks
 from ..tickets.plugins import draw_ticket
 from ..tickets.prune import SCOPES, PruneError, sparsity_report
+from ..ticket_runs import log_ticket_runs
 from ..tracking import RunLogger
 from ..errors import ConfigError
 from ..plugins.snapshots import save_weights
@@ -155,10 +156,12 @@ def run_pipeline(model_hp, data_hp, loft_hp, train_hp, det_hp, out_hp, ticket_hp
     score = _score(loft_hp.method, ticket_hp.prune_score)
     world = accelerator.num_processes
     fired = {t["detector"]: t["round"] for t in pre.get("tickets", [])}
+    epochs_per_round = pre.get("epochs_done", 0) / pre["rounds_done"] if pre.get("rounds_done") else None
     rows = []
+    group = f"{model_hp.model}-{data.name}"
     if wandb_mode != "disabled":
         start_tracker(accelerator, out_hp, wandb_mode, {"TicketHparams": ticket_hp.to_dict()},
-                      f"{model_hp.model}-{data.name}", "finetune", os.path.basename(run_dir) + "-tickets", run_dir)
+                      group, "finetune", os.path.basename(run_dir) + "-tickets", run_dir)
     logger = RunLogger(run_dir if main else None, accelerator, wandb=wandb_mode != "disabled")
     steps = [pre.get("rounds_done", 0)]
     for ratio in ticket_hp.ratios:
@@ -216,11 +219,14 @@ def run_pipeline(model_hp, data_hp, loft_hp, train_hp, det_hp, out_hp, ticket_hp
             "method": loft_hp.method, "model": model_hp.model, "S": pre.get("workers"), "L": pre.get("local_steps"),
             "D": pre.get("replicas"), "rounds": pre.get("rounds_done"), "epochs": round(pre.get("epochs_done", 0), 2),
             "detector": ",".join(sorted(fired)) or None, "detector_round": min(fired.values()) if fired else None,
+            "detector_epoch": min(fired.values()) * epochs_per_round if fired and epochs_per_round else None,
             "ticket": ticket_hp.ticket, "score": score, "ratio": ratio,
             "scope": ticket_hp.prune_scope if ticket_hp.ticket == "structured" else None,
             "params": report["params_total"], "kept_params": report["params_kept"],
             "flops": dense_flops, "kept_flops": dense_flops,
             "test_acc": result["test_acc"], "pretrain_test_acc": pre.get("test_acc"),
+            # known only for a ticket evaluated as pruned (no fine-tuning): then it is its test accuracy
+            "oneshot_test_acc": result["test_acc"] if ticket_hp.finetune_epochs == 0 else None,
             **row_budget(pre),  # pretrain_bytes: every phase that moved bytes (loft_ext/budget.py)
             # fine-tuning is DDP: a ring all-reduce of every gradient per step moves 2 (W-1)/W of them
             "finetune_bytes": 2 * (world - 1) / world * 4 * report["params_total"] * result["steps"],
@@ -251,6 +257,10 @@ def run_pipeline(model_hp, data_hp, loft_hp, train_hp, det_hp, out_hp, ticket_hp
                "test_acc", "pretrain_bytes", "total_bytes", "samples_per_worker", "samples_total", "pretrain_wall_s",
                "finetune_wall_s"]
     logger.log_table("tickets", columns, [[r.get(c) for c in columns] for r in rows], step=steps[0] + 1)
+    if main and wandb_mode != "disabled":  # one W&B run per ticket, while the fine-tuning run is still open
+        log_ticket_runs(accelerator.get_tracker("wandb", unwrap=True), rows, project=out_hp.wandb_project,
+                        group=out_hp.wandb_group or group, mode=wandb_mode, run_dir=run_dir, dataset=data.name,
+                        seed=train_hp.seed, rewind=ticket_hp.rewind, finetune_epochs=ticket_hp.finetune_epochs)
     logger.close()
     if main:
         summary_path = os.path.join(run_dir, "summary.json")

@@ -33,6 +33,7 @@ from ..partition.plan import make_plan
 from ..plugins.base import Plugin
 from ..plugins.registry import create_plugin
 from ..plugins.snapshots import save_weights
+from ..ticket_runs import log_model_artifact
 from ..tracking import RunLogger, wandb_run_id
 from . import checkpointing
 from .checkpointing import CHECKPOINT_DIR, Checkpointer
@@ -309,6 +310,8 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
     if main:
         save_weights(final, os.path.join(run_dir, "model.safetensors"))
         write_json_atomic(os.path.join(run_dir, "summary.json"), summary)  # its presence marks the run finished
+        if wandb:  # the model as a W&B artifact, which the ticket runs name (loft_ext/ticket_runs.py)
+            log_model_artifact(accelerator.get_tracker("wandb", unwrap=True), run_dir, summary)
     engine.release()
     logger.close()
     if grid is not None:
