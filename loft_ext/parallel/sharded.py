@@ -60,7 +60,7 @@ class ShardedReplica:
 
     def __init__(self, model: nn.Module, shard_mesh, mixed_precision: str = "no"):
         self.plain = model
-        self.mesh = shard_mesh
+        self.mesh, self.mixed_precision = shard_mesh, mixed_precision
         self.module = copy.deepcopy(model)
         policy = mixed_precision_policy(mixed_precision)
         for unit in shard_units(self.module):
