@@ -9,6 +9,7 @@ from ..images import BAD_IMAGE_POLICIES
 from ..hparams import Hparams, field
 from ..parallel.ds import CLIP_MODES
 from ..parallel.grid import GRID_ORDERS
+from ..parallel.replicas import REPLICA_MODES
 from ..parallel.sync import OPTIMIZER_STATE_MODES, STRATEGIES
 from ..partition.plan import PRESETS
 
@@ -142,6 +143,11 @@ class OutputHparams(Hparams):
                             "replicas on one node; the filter axis crosses nodes), workers-within-node (the "
                             "other way round) or auto (replicas-within-node on more than one node); an execution "
                             "choice, not part of the run's hash", GRID_ORDERS)
+    replicas: str = field("ddp", "how the D replicas of a worker train when S x D processes are launched: ddp (each "
+                          "rank holds the worker's whole sub-network; gradients all-reduced) or fsdp (the sub-network "
+                          "sharded with FSDP2 over the D ranks: parameters, gradients and optimizer state 1/D per "
+                          "rank; needs --optimizer_state reset; docs/fsdp.md); an execution choice, not part of the "
+                          "run's hash; no-op with D = 1", REPLICA_MODES)
     data_workers: int = field(0, "DataLoader worker processes per rank for the training batches; the batches "
                               "do not depend on it (augmentation is seeded per sample)")
     tracker: str = field("wandb", "experiment tracker through Accelerate: wandb or none (files in the run "

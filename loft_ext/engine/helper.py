@@ -13,7 +13,9 @@
         ...
 
 With one process, ``loft.models`` holds all S simulated workers; with S x D processes each rank holds
-one worker (``loft.model``), and D > 1 replicas of it train through DDP over the grid's replica group.
+one worker (``loft.model``), and D > 1 replicas of it train through DDP over the grid's replica group, or
+sharded with FSDP2 (``LoFTConfig(replicas="fsdp")``; build the optimizer over ``loft.model.parameters()``,
+which are then the rank's shards).
 The recipe's loop (:mod:`loft_ext.engine.loop`) drives the same object through ``begin_round`` /
 ``end_round`` / ``finish_round``; plugins receive it as their ``run`` (:class:`loft_ext.plugins.LoftRun`).
 """
@@ -30,6 +32,7 @@ from ..errors import ConfigError
 from ..hparams import Hparams, field
 from ..models import default_input_shape
 from ..parallel.grid import build_grid, check_world
+from ..parallel.replicas import REPLICA_MODES, check_replicas
 from ..parallel.sync import OPTIMIZER_STATE_MODES, STRATEGIES
 from ..partition.plan import PRESETS, make_plan
 from ..plugins.base import Plugin, emit
@@ -49,6 +52,9 @@ class LoFTConfig(Hparams):
     optimizer_state: str = field("reset", "reset: optimizer state cleared each round; carry: every per-entry "
                                  "state tensor sliced and written back like the weights", OPTIMIZER_STATE_MODES)
     seed: int = field(0, "seed of the per-round partitions")
+    replicas: str = field("ddp", "D > 1 replicas of a worker: ddp (each holds the whole sub-network) or fsdp "
+                          "(FSDP2-sharded over the D ranks: parameters, gradients and optimizer state 1/D per "
+                          "rank); an execution choice, no-op with D = 1", REPLICA_MODES)
 
     def check(self) -> None:
         if self.workers < 1:
@@ -59,6 +65,7 @@ class LoFTConfig(Hparams):
                                      ("optimizer_state", self.optimizer_state, OPTIMIZER_STATE_MODES)):
             if value not in choices:
                 raise ConfigError(f"{name} must be one of {', '.join(choices)} (got {value!r})")
+        check_replicas(self.replicas, self.optimizer_state)
 
 
 @dataclass
@@ -99,8 +106,10 @@ class LoFT(LoFTState):
                                       type(model).__name__)
         model.to(device)
         self.grid = grid_factory(config.workers) if world > 1 else None
+        precision = str(getattr(accelerator, "mixed_precision", "no")) if accelerator is not None else "no"
         self.engine = LoFTEngine(model, self.plan, config.seed, config.optimizer_state, grid=self.grid,
-                                 strategy=config.sync, start_round=start_round, replicas_ddp=replicas_ddp)
+                                 strategy=config.sync, start_round=start_round, replicas_ddp=replicas_ddp,
+                                 replicas=config.replicas, mixed_precision=precision)
         self.plugins: list[Plugin] = list(plugins)
         for p in self.plugins:
             if not isinstance(p, Plugin):

@@ -2,7 +2,8 @@
 
 Without a process grid it simulates all S workers in one process (the ``LocalSync`` strategy: copies
 and means). With a grid each rank holds one worker and a strategy from :mod:`loft_ext.parallel.sync`
-moves the same values by collectives; D > 1 replicas of a worker train through DDP over its data group.
+moves the same values by collectives; D > 1 replicas of a worker train through DDP over its data group, or
+(``replicas="fsdp"``) as one FSDP2-sharded copy over the mesh's shard dimension (:mod:`loft_ext.parallel.sharded`).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch.nn as nn
 from ..errors import ConfigError
 from ..parallel.comm import Comm
 from ..parallel.grid import FilterGrid
-from ..parallel.replicas import wrap_replicas
+from ..parallel.replicas import check_replicas, wrap_replicas
 from ..parallel.sync import OPTIMIZER_STATE_MODES, STRATEGIES, AllGatherSync, AllToAllSync, LocalSync
 from ..partition.plan import PartitionPlan
 from ..partition.subnet import Partition, Slicer, build_subnet, draw_partition
@@ -22,8 +23,10 @@ from ..partition.subnet import Partition, Slicer, build_subnet, draw_partition
 
 class Worker:
     """One filter worker: its narrower sub-network, the slicer that feeds it, and (once attached) the
-    optimizer a training loop steps. ``module`` is what the loop calls: the sub-network, or DDP over it
-    when the worker has D > 1 replicas; ``model`` is always the bare sub-network."""
+    optimizer a training loop steps. ``module`` is what the loop calls (and what its optimizer is built
+    over): the sub-network, DDP over it when the worker has D > 1 replicas, or its FSDP-sharded copy
+    (``sharded``) under ``replicas="fsdp"``; ``model`` is always the bare sub-network the round loads and
+    writes back."""
 
     def __init__(self, index: int, full: nn.Module, plan: PartitionPlan):
         self.index = index
@@ -34,6 +37,8 @@ class Worker:
         self.param_names = {p: n for n, p in self.model.named_parameters()}
         self.ds_engine = None          # a DeepSpeedEngine over self.model (loft_ext.parallel.ds)
         self.after_load: Callable[[], None] | None = None  # e.g. push values into DeepSpeed's master copy
+        self.before_sync: Callable[[], None] | None = None  # e.g. gather FSDP shards into ``model``
+        self.sharded = None            # a ShardedReplica (loft_ext.parallel.sharded) under replicas="fsdp"
 
 
 class LoFTEngine:
@@ -44,15 +49,20 @@ class LoFTEngine:
     ``optimizer_state``: ``reset`` clears every worker's optimizer state at the start of each round (the
     paper: a new optimizer per round); ``carry`` keeps full-size copies of every per-entry state tensor
     (SGD momentum, Adam's moments) that are sliced and written back exactly like the weights.
+    ``replicas``: how D > 1 replicas of a worker train: ``ddp`` (each holds the whole sub-network) or
+    ``fsdp`` (sharded over the D ranks; ``mixed_precision="bf16"`` gives FSDP's bf16 policy). With D = 1
+    (or no grid) it changes nothing.
     """
 
     def __init__(self, model: nn.Module, plan: PartitionPlan, seed: int = 0, optimizer_state: str = "reset",
                  grid: FilterGrid | None = None, comm: Comm | None = None, strategy: str = "allgather",
-                 start_round: int = 0, replicas_ddp: bool = True, make_optimizer=None):
+                 start_round: int = 0, replicas_ddp: bool = True, make_optimizer=None, replicas: str = "ddp",
+                 mixed_precision: str = "no"):
         if optimizer_state not in OPTIMIZER_STATE_MODES:
             raise ConfigError(f"optimizer_state must be one of {OPTIMIZER_STATE_MODES}, got {optimizer_state!r}")
         if strategy not in STRATEGIES:
             raise ConfigError(f"sync strategy must be one of {STRATEGIES}, got {strategy!r}")
+        check_replicas(replicas, optimizer_state)
         self.full = model
         self.plan = plan
         self.seed = seed
@@ -62,13 +72,15 @@ class LoFTEngine:
         local = range(plan.workers) if grid is None else [grid.filter_index]
         self.workers = [Worker(s, model, plan) for s in local]
         self.partition: Partition | None = None
+        self.replicas = replicas
+        self.mesh = None  # the grid as a DeviceMesh (loft_ext.parallel.mesh), built once when FSDP needs it
         if grid is None:
             self.strategy = LocalSync(self.workers, plan, optimizer_state)
         else:
             args = (self.workers[0], plan, grid, self.comm, optimizer_state, self.draw)
             self.strategy = AllGatherSync(*args) if strategy == "allgather" else AllToAllSync(*args, start_round)
-            if replicas_ddp:
-                self.workers[0].module = wrap_replicas(self.workers[0].model, grid, self.comm)
+            if replicas_ddp:  # False under DeepSpeed: its engine owns the replicas' gradients
+                self.mesh = wrap_replicas(self.workers[0], grid, self.comm, replicas, mixed_precision)
         if make_optimizer is not None:  # e.g. ``lambda params: torch.optim.SGD(params, lr=0.1)``
             self.attach_optimizers([make_optimizer(w.model.parameters()) for w in self.workers])
 
@@ -83,7 +95,7 @@ class LoFTEngine:
             raise ConfigError(f"one optimizer per local worker: got {len(optimizers)} for {len(self.workers)}")
         for w, opt in zip(self.workers, optimizers):
             opt = getattr(opt, "optimizer", opt)  # accelerate's AcceleratedOptimizer wraps the torch one
-            mine = {id(p) for p in w.model.parameters()}
+            mine = {id(p) for p in w.module.parameters()}  # DDP's are the sub-network's; FSDP's its shards
             theirs = [p for g in opt.param_groups for p in g["params"]]
             if not theirs or any(id(p) not in mine for p in theirs):
                 raise ConfigError(f"worker {w.index}'s optimizer must be built over that worker's sub-network "
@@ -111,6 +123,9 @@ class LoFTEngine:
         """Write split slices back (disjoint copies) and average everything every worker holds."""
         if self.partition is None:
             raise RuntimeError("sync() before begin_round()")
+        for w in self.workers:
+            if w.before_sync is not None:
+                w.before_sync()
         with self.comm.phase("sync"):
             self.strategy.sync(self.partition, self.draw(self.partition.round_index + 1))
 

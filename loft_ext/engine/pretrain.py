@@ -28,6 +28,7 @@ from ..models import create_model
 from ..parallel import analytic, ds
 from ..parallel.ds import DeepSpeedConfigError, LoftMPU
 from ..parallel.grid import GridError, build_grid, check_world, plan_layout
+from ..parallel.replicas import check_replicas
 from ..parallel.sync import AllGatherSync
 from ..partition.plan import make_plan
 from ..plugins.base import Plugin
@@ -64,17 +65,35 @@ def build_plugins(det_hp: DetectorHparams, out_hp: OutputHparams, main: bool, pr
     return plugins
 
 
+def fsdp_report(engine, rounds: int, steps: int) -> dict:
+    """Analytic bytes of FSDP's own collectives on this rank (they bypass ``Comm``, so nothing measures
+    them; the DDP phase ``dp_grad`` is absent under fsdp)."""
+    from ..parallel.sharded import shard_units
+
+    w = engine.workers[0]
+    elem = next(w.model.parameters()).element_size()
+    gather_elem = 2 if w.sharded.mixed_precision == "bf16" else elem  # the bf16 policy all-gathers bf16
+    per = analytic.fsdp_step_bytes(w.model, shard_units(w.model), engine.grid.replicas, gather_elem, elem)
+    return {"note": "analytic only: FSDP's all-gathers and reduce-scatters do not go through loft_ext's Comm",
+            **per, "bytes_sent": per["step_bytes_sent"] * steps + per["round_bytes_sent"] * rounds}
+
+
 def communication_report(engine, model, rounds: int, steps: int, elem: int) -> dict:
     """Measured bytes per phase next to the analytic count for the same run, strategy and grid layout
-    (both split into intra-node and inter-node bytes)."""
+    (both split into intra-node and inter-node bytes). Under ``--replicas fsdp`` the analytic ``dp_grad``
+    (DDP's all-reduce) is replaced by ``fsdp_analytic`` (FSDP's collectives, analytic only)."""
     grid, plan = engine.grid, engine.plan
     copies = 1 if engine.optimizer_state == "carry" else 0  # SGD momentum: one state tensor per param
     strategy = "allgather" if isinstance(engine.strategy, AllGatherSync) else "alltoall"
     layout = grid.layout or plan_layout([0] * grid.world_size, grid.workers)
     counted = analytic.rank_bytes(model, plan, layout, grid.rank, strategy, rounds, steps, elem, copies,
                                   draw=engine.draw)
+    fsdp = {}
+    if engine.workers[0].sharded is not None:
+        counted.pop("dp_grad", None)
+        fsdp = {"fsdp_analytic": fsdp_report(engine, rounds, steps)}
     return {
-        "rank": grid.rank, "worker": grid.filter_index, "replica": grid.data_index, "workers": grid.workers,
+        **fsdp, "rank": grid.rank, "worker": grid.filter_index, "replica": grid.data_index, "workers": grid.workers,
         "replicas": grid.replicas, "strategy": engine.strategy.__class__.__name__, "rounds": rounds,
         "node": layout.nodes[grid.rank], "nodes": layout.nodes, "grid_order": layout.order,
         "measured": engine.comm.totals(), "analytic": counted,
@@ -113,6 +132,11 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
     say = print_fn if main else (lambda *a, **k: None)
     ds_hp = deepspeed_from_launcher(ds_hp)
     ds_cfg = None
+    if out_hp.replicas == "fsdp":  # refused before anything is loaded or written
+        if ds_hp is not None and ds_hp.deepspeed:
+            raise ConfigError("--replicas fsdp and --deepspeed both shard the replicas; choose one (drop "
+                              "--replicas fsdp, or --deepspeed and its config)")
+        check_replicas(out_hp.replicas, optimizer_state)
     if ds_hp is not None and ds_hp.deepspeed:
         try:  # the config is checked first, so its mistakes are reported even in a single process
             ds_cfg = ds.load_ds_config(ds_hp.deepspeed_config, data_hp.batch_size, replicas if world > 1 else None)
@@ -190,10 +214,10 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
     elem = next(model.parameters()).element_size()
 
     loft = LoFT(accelerator, model, LoFTConfig(workers, loft_hp.local_steps, model_hp.preset, loft_hp.sync,
-                                               optimizer_state, train_hp.seed),
+                                               optimizer_state, train_hp.seed, out_hp.replicas),
                 plan=plan, start_round=start_round, replicas_ddp=ds_cfg is None, grid_factory=lambda _: grid)
     engine = loft.engine
-    optimizers = [torch.optim.SGD(w.model.parameters(), lr=train_hp.lr, momentum=train_hp.momentum,
+    optimizers = [torch.optim.SGD(w.module.parameters(), lr=train_hp.lr, momentum=train_hp.momentum,
                                   weight_decay=train_hp.weight_decay) for w in engine.workers]
     loft.attach(*optimizers, begin=False)
     clip_norm = 0.0
@@ -216,7 +240,8 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
                               generator=torch.Generator().manual_seed(train_hp.seed))
 
     where = (f"{world} processes = S={workers} x D={replicas} ({loft_hp.sync}, "
-             f"{dist.get_backend()}{', DeepSpeed' if ds_cfg else ''})" if grid else "1 process, workers simulated")
+             f"{dist.get_backend()}{', DeepSpeed' if ds_cfg else ''}"
+             f"{', FSDP replicas' if engine.workers[0].sharded is not None else ''})" if grid else "1 process, workers simulated")
     say(f"{model_hp.model} on {data.name} ({loft_hp.method}): {full_params / 1e6:.2f}M params; "
         f"{len(plan.split)} split groups ({model_hp.preset}); per-worker parameter fraction {fractions}; "
         f"S={workers} L={loft_hp.local_steps} rounds={rounds} ({rounds_per_epoch}/epoch); {where}; "

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint import CheckpointError
+from ..errors import ConfigError
 
 
 class LoFTState:
@@ -39,6 +40,10 @@ class LoFTState:
     def _my_state(self) -> dict:
         engine = self.engine
         alltoall = hasattr(engine.strategy, "slabs")
+        if any(w.sharded is not None for w in engine.workers) and self._round_open and self.state.local_step:
+            raise ConfigError("a --replicas fsdp LoFT state is saved between rounds only (its optimizer state "
+                              "lives in FSDP shards): save right after loft.step() returns True, or use "
+                              "replicas ddp")
         mine = {
             "rank": self.grid.rank if self.grid is not None else 0,
             "progress": self.progress_state(),
@@ -85,6 +90,8 @@ class LoFTState:
         with torch.no_grad():
             for w, saved in zip(engine.workers, mine["workers"]):
                 w.model.load_state_dict({k: v.to(device) for k, v in saved["model"].items()})
+                if w.sharded is not None:  # the training copy's shards from the loaded sub-network
+                    w.sharded.load()
                 if w.optimizer is not None and saved["optimizer"] is not None:
                     w.optimizer.load_state_dict(saved["optimizer"])
         self.state.local_step = mine["local_step"]

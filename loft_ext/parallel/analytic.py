@@ -177,3 +177,28 @@ def rank_bytes(model, plan, layout, rank: int, strategy: str, rounds: int, steps
         sync.ring(replica_round_bytes(model, plan, worker, layout.replicas, elem) * rounds, data_ranks, rank, nodes)
         grad.ring(dp_grad_step_bytes(model, plan, worker, layout.replicas, elem) * steps, data_ranks, rank, nodes)
     return {"sync": sync.to_dict(), "dp_grad": grad.to_dict()}
+
+
+def fsdp_step_bytes(subnet: nn.Module, units: list[nn.Module], replicas: int, param_elem: int,
+                    reduce_elem: int) -> dict:
+    """Bytes one rank sends in FSDP2's own collectives (``--replicas fsdp``; not counted by ``Comm``),
+    from the worker's sub-network and the blocks sharded one by one (``units``; the rest is the root).
+
+    FSDP2 pads dim 0 of every parameter to a multiple of D, so a rank's shard of a (n0, ...) tensor has
+    ceil(n0 / D) * (numel / n0) entries; a ring all-gather or reduce-scatter of a shard sends (D-1)
+    shards. Per step: every group's parameters all-gathered for forward, the blocks' again for backward
+    (they are resharded after forward; the root is not), every gradient reduce-scattered. Per round: the
+    full parameters all-gathered once (``DTensor.full_tensor``, fp32) before the sync."""
+    if replicas == 1:
+        return {"step_bytes_sent": 0.0, "round_bytes_sent": 0.0}
+
+    def shard(p):
+        return -(-p.shape[0] // replicas) * (p.numel() // p.shape[0]) if p.dim() and p.shape[0] else p.numel()
+    in_units = {id(p) for u in units for p in u.parameters()}
+    params = list(subnet.parameters())
+    unit_shards = sum(shard(p) for p in params if id(p) in in_units)
+    all_shards = sum(shard(p) for p in params)
+    gathers = (all_shards + unit_shards) * param_elem  # forward: everything; backward: the blocks again
+    step = (replicas - 1) * (gathers + all_shards * reduce_elem)
+    full_elem = params[0].element_size() if params else 4
+    return {"step_bytes_sent": float(step), "round_bytes_sent": float((replicas - 1) * all_shards * full_elem)}

@@ -1,14 +1,33 @@
-"""D data-parallel replicas of one filter worker: torch's DistributedDataParallel over the grid's data group.
+"""D data-parallel replicas of one filter worker: DDP (``--replicas ddp``) or FSDP2 (``--replicas fsdp``).
 
-DDP overlaps the gradient all-reduce with backward (bucket by bucket). Two choices keep LoFT's numbers:
-``broadcast_buffers=False`` (replicas' BatchNorm statistics meet at the round's sync, averaged there, as in
-the simulation) and a communication hook that goes through :class:`~loft_ext.parallel.comm.Comm`, so the
-bytes are counted under ``dp_grad`` like every other collective.
+DDP: torch's DistributedDataParallel over the grid's data group. It overlaps the gradient all-reduce with
+backward (bucket by bucket). Two choices keep LoFT's numbers: ``broadcast_buffers=False`` (replicas'
+BatchNorm statistics meet at the round's sync, averaged there, as in the simulation) and a communication
+hook that goes through :class:`~loft_ext.parallel.comm.Comm`, so the bytes are counted under ``dp_grad``
+like every other collective.
+
+FSDP: the worker's sub-network sharded over the mesh's ``"shard"`` dimension
+(:class:`~loft_ext.parallel.sharded.ShardedReplica`); gradients are reduce-scattered by FSDP itself (not
+counted by ``Comm``; see :func:`loft_ext.parallel.analytic.fsdp_step_bytes`).
 """
 from __future__ import annotations
 
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
+
+from ..errors import ConfigError
+
+REPLICA_MODES = ("ddp", "fsdp")
+
+
+def check_replicas(replicas: str, optimizer_state: str) -> None:
+    """The replica modes and the combinations that are not built yet, as one-line errors."""
+    if replicas not in REPLICA_MODES:
+        raise ConfigError(f"--replicas must be one of {', '.join(REPLICA_MODES)} (got {replicas!r})")
+    if replicas == "fsdp" and optimizer_state == "carry":
+        raise ConfigError("--replicas fsdp cannot carry optimizer state across rounds yet (--optimizer_state "
+                          "carry, implied by --method dense/earlybird): use --optimizer_state reset, or "
+                          "--replicas ddp")
 
 
 def _counting_mean_hook(state, bucket):
@@ -21,7 +40,7 @@ def _counting_mean_hook(state, bucket):
     return fut.then(lambda f: f.value()[0] if isinstance(f.value(), list) else f.value())
 
 
-def wrap_replicas(model: nn.Module, grid, comm) -> nn.Module:
+def ddp_replicas(model: nn.Module, grid, comm) -> nn.Module:
     """``model`` wrapped in DDP over this rank's data group (``model`` itself when D is 1)."""
     if grid is None or grid.replicas == 1:
         return model
@@ -32,8 +51,28 @@ def wrap_replicas(model: nn.Module, grid, comm) -> nn.Module:
     return ddp
 
 
+def wrap_replicas(worker, grid, comm, replicas: str = "ddp", mixed_precision: str = "no"):
+    """Set ``worker.module`` to what the loop trains for this rank's D replicas; returns the grid's
+    ``DeviceMesh`` when one was built (FSDP with D > 1), else None. With D = 1 both modes leave the bare
+    sub-network: there is nothing to replicate or shard."""
+    if grid is None or grid.replicas == 1:
+        worker.module = worker.model
+        return None
+    if replicas == "ddp":
+        worker.module = ddp_replicas(worker.model, grid, comm)
+        return None
+    from .mesh import build_mesh
+    from .sharded import ShardedReplica
+
+    mesh = build_mesh(grid, "fsdp")
+    worker.sharded = ShardedReplica(worker.model, mesh["shard"], mixed_precision)
+    worker.module = worker.sharded.module
+    worker.after_load, worker.before_sync = worker.sharded.load, worker.sharded.gather
+    return mesh
+
+
 def unwrap(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, DistributedDataParallel) else module
 
 
-__all__ = ["wrap_replicas", "unwrap"]
+__all__ = ["wrap_replicas", "ddp_replicas", "check_replicas", "unwrap", "REPLICA_MODES"]

@@ -1,0 +1,123 @@
+"""D replicas of one filter worker as one FSDP2-sharded sub-network (``--replicas fsdp``).
+
+The worker's plain sub-network (``Worker.model``) stays what the LoFT round works on: the slicer loads a
+round's slices into it and writes it back, and the filter-axis sync reads it. Training runs on a sharded
+copy (``module``): ``fully_shard`` over the mesh's ``"shard"`` dimension (the worker's D ranks), blocks
+first, then the root, as FSDP2 expects. So each rank stores 1/D of the sub-network's parameters,
+gradients (reduce-scattered every step) and optimizer state (the optimizer is built over the sharded
+parameters).
+
+The copy is sharded once per run and refilled every round instead of re-wrapped: after a round's slices
+are loaded, :meth:`ShardedReplica.load` copies this rank's dim-0 chunk of every plain tensor into its
+local shard (no communication: every replica holds the same plain values), so the optimizer a loop built
+over ``module.parameters()`` stays valid. Before the round's sync, :meth:`gather` all-gathers the full
+parameters (``DTensor.full_tensor()``) back into the plain sub-network. BatchNorm buffers are not
+sharded; they are copied both ways.
+
+FSDP's own collectives (all-gathers of parameters, reduce-scatters of gradients) do not go through
+:class:`~loft_ext.parallel.comm.Comm`; :func:`loft_ext.parallel.analytic.fsdp_step_bytes` gives their
+analytic count, reported beside the measured phases (docs/fsdp.md).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def shard_units(model: nn.Module) -> list[nn.Module]:
+    """The blocks FSDP shards one by one: every non-container child of a Sequential / ModuleList /
+    ModuleDict that holds parameters (timm's residual and inverted-residual blocks inside its stages),
+    without descending into them; the rest (stem, head) stays with the root."""
+    units: list[nn.Module] = []
+
+    def walk(module: nn.Module) -> None:
+        for child in module.children():
+            if isinstance(child, _CONTAINERS):
+                walk(child)
+            elif isinstance(module, _CONTAINERS) and any(True for _ in child.parameters()):
+                units.append(child)
+            else:
+                walk(child)
+    walk(model)
+    return units
+
+
+def mixed_precision_policy(mixed_precision: str) -> MixedPrecisionPolicy:
+    """bf16 compute and parameter all-gathers, fp32 gradient reduce-scatter (``--mixed_precision bf16``)."""
+    if mixed_precision == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+class ShardedReplica:
+    """The sharded training copy of a worker's plain sub-network ``model`` over ``shard_mesh``."""
+
+    def __init__(self, model: nn.Module, shard_mesh, mixed_precision: str = "no"):
+        self.plain = model
+        self.mesh, self.mixed_precision = shard_mesh, mixed_precision
+        self.module = copy.deepcopy(model)
+        policy = mixed_precision_policy(mixed_precision)
+        for unit in shard_units(self.module):
+            fully_shard(unit, mesh=shard_mesh, mp_policy=policy)
+        fully_shard(self.module, mesh=shard_mesh, mp_policy=policy)
+        self._plain_params = dict(model.named_parameters())
+        self._plain_buffers = dict(model.named_buffers())
+
+    @torch.no_grad()
+    def load(self) -> None:
+        """Every local shard from the plain sub-network (this rank's dim-0 chunk; FSDP2 chunks like
+        ``torch.chunk``), and the buffers."""
+        for name, p in self.module.named_parameters():
+            local = p.to_local() if isinstance(p, DTensor) else p
+            full = self._plain_params[name]
+            chunk = self._chunk(full, p)
+            if local.shape != chunk.shape:
+                raise RuntimeError(f"FSDP shard of {name} has shape {tuple(local.shape)}, expected "
+                                   f"{tuple(chunk.shape)} (torch.chunk of {tuple(full.shape)} over the shard mesh)")
+            local.copy_(chunk)
+        for name, b in self.module.named_buffers():
+            b.copy_(self._plain_buffers[name])
+
+    def _chunk(self, full: torch.Tensor, p) -> torch.Tensor:
+        if not isinstance(p, DTensor):
+            return full
+        size, index = self.mesh.size(), self.mesh.get_local_rank()
+        chunks = torch.chunk(full, size, dim=0)
+        return chunks[index] if index < len(chunks) else full[full.shape[0]:]
+
+    @torch.no_grad()
+    def gather(self) -> None:
+        """The full parameters (all-gathered over the shard mesh) and the buffers into the plain sub-network."""
+        for name, p in self.module.named_parameters():
+            full = p.full_tensor() if isinstance(p, DTensor) else p
+            self._plain_params[name].copy_(full)
+        for name, b in self.module.named_buffers():
+            self._plain_buffers[name].copy_(b)
+
+
+def local_bytes(tensors) -> int:
+    """Bytes this rank stores for ``tensors`` (a DTensor counts its local shard only)."""
+    total = 0
+    for t in tensors:
+        if t is None or not torch.is_tensor(t):
+            continue
+        local = t.to_local() if isinstance(t, DTensor) else t
+        total += local.numel() * local.element_size()
+    return total
+
+
+def training_state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Parameter, gradient and optimizer-state bytes this rank holds for a worker's training module."""
+    params = list(module.parameters())
+    state = [v for p in params for v in optimizer.state.get(p, {}).values()]
+    return {"params": local_bytes(params), "grads": local_bytes(p.grad for p in params),
+            "optimizer_state": local_bytes(state)}
+
+
+__all__ = ["ShardedReplica", "shard_units", "mixed_precision_policy", "local_bytes", "training_state_bytes"]
