@@ -142,6 +142,19 @@ def test_replicas_stay_identical_and_workers_differ(tmp_path):
     assert phases["dp_grad"] == dp["bytes_sent"] and phases["sync"] == report["measured"]["sync"]["bytes_sent"]
     assert (row["samples_per_worker"], row["samples_total"]) == (2 * 2 * 32, 4 * 2 * 2 * 32)
 
+    # the same run with FSDP2-sharded replicas (--replicas fsdp) assembles the same models bit for bit: with
+    # D = 2 the reduce-scatter's sum of two gradients does not depend on order and its halving is exact
+    fsdp_out = tmp_path / "fsdp"
+    proc = _launch("torchrun", 4, FAST + ["--workers", "2", "--rounds", "2", "--ratios", "0.5",
+                                          "--finetune_epochs", "0", "--replicas", "fsdp"], fsdp_out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fsdp_dir = _run_dir(fsdp_out)
+    for rank in range(4):
+        assert _assembled(fsdp_dir, rank) == _assembled(run_dir, 0)
+    fsdp_report = _comm(fsdp_dir, 0)
+    assert _check_counts(fsdp_report) == report["measured"]["sync"]["bytes_sent"]
+    assert "dp_grad" not in fsdp_report["measured"] and fsdp_report["fsdp_analytic"]["bytes_sent"] > 0
+
 
 def test_dense_on_two_processes_is_data_parallel_and_the_table_counts_its_gradients(tmp_path):
     """--method dense on 2 processes: S=1 x D=2, a global batch of 2 x 32 and half the steps per epoch;

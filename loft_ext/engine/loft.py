@@ -82,7 +82,7 @@ class LoFTEngine:
             if replicas_ddp:  # False under DeepSpeed: its engine owns the replicas' gradients
                 self.mesh = wrap_replicas(self.workers[0], grid, self.comm, replicas, mixed_precision)
         if make_optimizer is not None:  # e.g. ``lambda params: torch.optim.SGD(params, lr=0.1)``
-            self.attach_optimizers([make_optimizer(w.model.parameters()) for w in self.workers])
+            self.attach_optimizers([make_optimizer(w.module.parameters()) for w in self.workers])
 
     @property
     def full_opt_state(self) -> dict[str, dict[str, torch.Tensor]]:
