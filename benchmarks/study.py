@@ -83,6 +83,7 @@ class StudySpec:
     earlybird_ratio: float
     bn_recalibration_batches: int
     datasets: tuple[DataSpec, ...]
+    wandb_project: str = ""   # set by --wandb: every run logs into this W&B project, one group per cell
 
 
 FULL = StudySpec(
@@ -152,6 +153,11 @@ def data_dir_of(data: DataSpec, data_root: str) -> str:
     return path if rel.startswith("..") else rel
 
 
+def wandb_group_of(task: Task) -> str:
+    """The study cell a run belongs to on W&B: data set and budget (every method of a cell side by side)."""
+    return f"{task.data.name}-{task.budget}"
+
+
 def hparams_of(spec: StudySpec, task: Task, output_dir: str, data_root: str):
     """(pretraining hparams for run_pipeline, {ticket label: TicketHparams})."""
     from loft_ext.engine.pipeline import TicketHparams
@@ -173,7 +179,9 @@ def hparams_of(spec: StudySpec, task: Task, output_dir: str, data_root: str):
                         earlybird_ratio=spec.earlybird_ratio, earlybird_every=d.detector_every,
                         # what run_pretrain sets for --method earlybird before it hashes the run
                         earlybird_stop=method == "earlybird"),
-        OutputHparams(output_dir=output_dir, tracker="none"),
+        # one W&B group per study cell (data set x budget); method, S and ratio are ticket-run config keys
+        OutputHparams(output_dir=output_dir, tracker="wandb" if spec.wandb_project else "none",
+                      wandb_project=spec.wandb_project or "loft_ext", wandb_group=wandb_group_of(task)),
     )
     tickets = {label: TicketHparams(ratios=spec.ratios, ticket="structured",
                                     prune_score="random" if label == "random" else "auto",
@@ -754,12 +762,17 @@ def main(argv=None) -> int:
                         help="write the outputs from finished runs; train nothing")
     parser.add_argument("--plan", action="store_true", help="list the pipeline calls and their run directories")
     parser.add_argument("--echo", action="store_true", help="also print the pipelines' lines (jobs=1)")
+    parser.add_argument("--wandb", action="store_true", help="log every run to W&B (offline unless WANDB_MODE "
+                        "says otherwise), one group per cell (data set x budget); docs/wandb.md")
+    parser.add_argument("--wandb_project", default="loft_ext-study", help="the W&B project with --wandb")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("WANDB_MODE", "disabled")
+    os.environ.setdefault("WANDB_MODE", "offline" if args.wandb else "disabled")
     spec = SMOKE if args.smoke else FULL
+    if args.wandb:
+        spec = dataclasses.replace(spec, wandb_project=args.wandb_project)
     output_dir = os.path.abspath(args.output_dir or
                                  os.path.join(ROOT, "runs", "study-smoke" if args.smoke else "study"))
     results_dir = os.path.abspath(args.results_dir or (os.path.join(output_dir, "results") if args.smoke

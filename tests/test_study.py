@@ -67,3 +67,27 @@ def test_plan_lists_the_full_study_without_running_it(tmp_path):
     assert len(lines) == 2 * 3 * 7
     assert sum("loft-S2,random" in line for line in lines) == 2 * 3 * 2
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_wandb_logs_one_group_per_cell_and_leaves_the_run_directories_alone(tmp_path):
+    import dataclasses
+    import importlib.util
+
+    loader = importlib.util.spec_from_file_location("study", STUDY)
+    study = importlib.util.module_from_spec(loader)
+    sys.modules["study"] = study  # dataclasses look their module up by name
+    loader.loader.exec_module(study)
+    spec = dataclasses.replace(study.FULL, wandb_project="loft_ext-study")
+    tasks = study.make_tasks(spec, [d.name for d in spec.datasets], study.BUDGETS, study.METHODS, spec.seeds)
+    groups = {}
+    for task in tasks:
+        pre, _ = study.hparams_of(spec, task, str(tmp_path), str(tmp_path))
+        out = pre[-1]
+        assert (out.tracker, out.wandb_project) == ("wandb", "loft_ext-study")
+        groups.setdefault(out.wandb_group, set()).add((task.data.name, task.budget))
+        plain, _ = study.hparams_of(study.FULL, task, str(tmp_path), str(tmp_path))
+        assert plain[-1].tracker == "none"
+        assert study.run_dir_of(pre, str(tmp_path)) == study.run_dir_of(plain, str(tmp_path))
+    # every cell (data set x budget) is exactly one group, holding all of its methods and seeds
+    assert all(len(cells) == 1 for cells in groups.values())
+    assert len(groups) == len({(t.data.name, t.budget) for t in tasks})
