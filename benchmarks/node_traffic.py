@@ -33,10 +33,23 @@ from loft_ext.models import create_model  # noqa: E402
 from loft_ext.parallel import analytic  # noqa: E402
 from loft_ext.parallel.grid import plan_layout  # noqa: E402
 from loft_ext.partition.plan import make_plan  # noqa: E402
-from loft_ext.partition.subnet import draw_partition  # noqa: E402
+from loft_ext.parallel.sharded import shard_units  # noqa: E402
+from loft_ext.partition.subnet import build_subnet, draw_partition  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MiB = 2 ** 20
+
+
+def fsdp_step_tally(model, plan, layout, rank: int, steps: int) -> dict:
+    """FSDP2's own collectives of this rank's worker (all-gathers, reduce-scatters) over ``steps`` steps,
+    as a ring over the worker's data group (``dp_grad``'s place; analytic.fsdp_step_bytes)."""
+    worker, _ = layout.coords[rank]
+    subnet = build_subnet(model, plan, worker)
+    per = analytic.fsdp_step_bytes(subnet, shard_units(subnet), layout.replicas, 4, 4)
+    moved = per["step_bytes_sent"] * steps
+    out, into = analytic.ring_crossing(layout.data_ranks(worker), rank, layout.nodes)
+    return {"bytes_sent": moved, "bytes_received": moved, "inter_node_bytes_sent": moved if out else 0.0,
+            "inter_node_bytes_received": moved if into else 0.0}
 
 
 def main() -> None:
@@ -68,25 +81,28 @@ def main() -> None:
     rounds_per_epoch = steps_per_epoch / args.local_steps
     scale = rounds_per_epoch / args.rounds  # counted rounds -> one epoch (steps: L per round)
     rows = []
-    for strategy in ("allgather", "alltoall"):
+    for strategy, replicas in (("allgather", "ddp"), ("alltoall", "ddp"), ("allgather", "fsdp")):
         for order in ("replicas-within-node", "workers-within-node"):
             layout = plan_layout(nodes, S, order)
             ranks = []
             for r in range(world):
                 c = analytic.rank_bytes(model, plan, layout, r, strategy, args.rounds,
                                         args.rounds * args.local_steps, 4,
-                                        draw=lambda k: draw_partition(plan, 0, k))
+                                        draw=lambda k: draw_partition(plan, 0, k), sharded=replicas == "fsdp")
+                if replicas == "fsdp":  # FSDP's own per-step collectives replace DDP's all-reduce (data group)
+                    c["dp_grad"] = fsdp_step_tally(model, plan, layout, r, args.rounds * args.local_steps)
                 ranks.append({phase: {k: v * scale for k, v in counts.items()} for phase, counts in c.items()})
 
             def total(c, key):
-                return sum(c[p][key] for p in ("sync", "dp_grad"))
+                return sum(c[p][key] for p in ("sync", "shard_gather", "dp_grad") if p in c)
 
             inter = [total(c, "inter_node_bytes_sent") / MiB for c in ranks]
             sent = [total(c, "bytes_sent") / MiB for c in ranks]
-            rows.append({"strategy": strategy, "grid_order": order, "describe": layout.describe(),
+            rows.append({"strategy": strategy, "replicas": replicas, "grid_order": order, "describe": layout.describe(),
                          "inter_node_mib_sent_per_rank": inter, "mib_sent_per_rank": sent,
                          "dp_grad_inter_node_mib": [c["dp_grad"]["inter_node_bytes_sent"] / MiB for c in ranks],
                          "sync_inter_node_mib": [c["sync"]["inter_node_bytes_sent"] / MiB for c in ranks],
+                         "sync_mib": [c["sync"]["bytes_sent"] / MiB for c in ranks],
                          "per_rank": ranks})
     params = sum(p.numel() for p in model.parameters())
     result = {"model": args.model, "params": params, "classes": args.classes, "image_size": args.image_size,
@@ -103,13 +119,16 @@ def main() -> None:
     print(f"{args.model} ({params / 1e6:.2f}M params), S={S} x D={D} on {args.nodes} nodes x {per_node} processes, "
           f"{args.preset}; one epoch = {steps_per_epoch:.1f} steps = {rounds_per_epoch:.1f} rounds per rank "
           f"(N={args.samples}, B={args.batch}, L={args.local_steps})")
-    print(f"{'sync':10} {'grid order':22} {'inter-node MiB/rank/epoch (sync + dp_grad), per rank':56} "
-          f"{'of which dp_grad':18} {'all MiB sent/rank':>17}")
+    print(f"{'sync':10} {'replicas':8} {'grid order':22} {'inter-node MiB/rank/epoch (all phases), per rank':50} "
+          f"{'of which dp_grad':18} {'all MiB sent/rank':>17} {'sync MiB/rank':>13}")
     for row in rows:
         inter = " ".join(f"{x:9.1f}" for x in row["inter_node_mib_sent_per_rank"])
         grad = max(row["dp_grad_inter_node_mib"])
-        print(f"{row['strategy']:10} {row['grid_order']:22} {inter:56} {grad:18.1f} "
-              f"{max(row['mib_sent_per_rank']):17.1f}")
+        print(f"{row['strategy']:10} {row['replicas']:8} {row['grid_order']:22} {inter:50} {grad:18.1f} "
+              f"{max(row['mib_sent_per_rank']):17.1f} {max(row['sync_mib']):13.1f}")
+    ddp_sync, fsdp_sync = (max(r["sync_mib"]) for r in rows if r["strategy"] == "allgather" and r["grid_order"] ==
+                           "replicas-within-node")
+    print(f"LoFT sync (filter axis) per rank, fsdp / ddp replicas: {fsdp_sync / ddp_sync:.4f} (1/D = {1 / D:.4f})")
     print(f"written to {args.output} ({time.time() - t0:.1f}s)")
 
 

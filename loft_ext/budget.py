@@ -6,7 +6,7 @@ the same footing:
 - ``pretrain_bytes``: bytes this rank (rank 0, the one that writes the summary) *sent* in every phase
   of pretraining that moved bytes, summed: ``sync`` (the LoFT exchange and the replicas' BatchNorm
   statistics), ``dp_grad`` (the gradient all-reduce of D > 1 data-parallel replicas: all of a dense
-  run's traffic), ``assemble`` (gathering the full model for evaluations, detectors and checkpoints)
+  run's traffic), ``shard_gather`` (``--replicas fsdp``: a worker's D shards put together after the sync), ``assemble`` (gathering the full model for evaluations, detectors and checkpoints)
   and ``metric`` (losses and stop votes). ``pretrain_bytes_by_phase`` holds the breakdown; the numbers
   are the counters of ``comm-rank0.json`` (``measured``), nothing estimated.
 - ``samples_per_worker``: training samples one process (or one simulated worker) passed forward and

@@ -25,6 +25,7 @@ from loft_ext.parallel.grid import build_grid
 from loft_ext.parallel.mesh import build_mesh
 from loft_ext.parallel.sharded import training_state_bytes
 from loft_ext.partition.plan import make_plan
+from loft_ext.tickets.plugins import draw_ticket
 
 MODEL, SHAPE, BATCH, ROUNDS, STEPS = "resnet10t", (1, 3, 32, 32), 8, 3, 2
 
@@ -67,13 +68,17 @@ def train(base, plan, grid, replicas: str, start: int = 0, stop: int = ROUNDS, r
             state_bytes = training_state_bytes(w.module, w.optimizer)
         engine.sync()
     full = {k: v.detach().clone() for k, v in engine.assembled().state_dict().items()}
-    sync = engine.comm.counters["sync"]
     elem = next(model.parameters()).element_size()
     expected = analytic.rank_bytes(model, plan, grid.layout, grid.rank, "allgather", stop - start,
-                                   (stop - start) * STEPS, elem)
+                                   (stop - start) * STEPS, elem, sharded=replicas == "fsdp")
     measured = {phase: c.sent for phase, c in engine.comm.counters.items()}
-    return full, {"state_bytes": state_bytes, "sync_sent": sync.sent, "analytic_sync_sent":
-                  expected["sync"]["bytes_sent"], "measured_phases": measured}
+    return full, {"state_bytes": state_bytes, "measured_phases": measured, "strategy": type(engine.strategy).__name__,
+                  "analytic_phases": {k: v["bytes_sent"] for k, v in expected.items() if k != "dp_grad"}}
+
+
+def ticket_units(model) -> list[list[int]]:
+    """The units a structured ticket at r = 0.5 keeps (the recipe's default ticket)."""
+    return [k.tolist() for k in draw_ticket(model, 0.5, input_shape=SHAPE, preset="all").structured.kept]
 
 
 def main(out_dir: str) -> None:
@@ -93,7 +98,14 @@ def main(out_dir: str) -> None:
     resumed_base.load_state_dict(first)
     resumed, _ = train(resumed_base, plan, grid, "fsdp", start=1)
     floats = [k for k, v in ddp.items() if v.is_floating_point()]
+
+    def as_model(state):
+        m = create_model(MODEL, 10)
+        m.load_state_dict(state)
+        return m
     result.update({
+        "tickets_identical": ticket_units(as_model(ddp)) == ticket_units(as_model(fsdp)),
+        "max_rel_diff": max(((ddp[k] - fsdp[k]).abs() / ddp[k].abs().clamp_min(1e-6)).max().item() for k in floats),
         "ddp": ddp_info, "fsdp": fsdp_info,
         "max_abs_diff": max((ddp[k] - fsdp[k]).abs().max().item() for k in floats),
         "bit_identical": all(torch.equal(ddp[k], fsdp[k]) for k in ddp),

@@ -122,11 +122,15 @@ def test_deepspeed_loft_equals_plain_torch_loft(tmp_path, plain, config):
 
 
 @pytest.mark.slow
-def test_deepspeed_four_processes_two_workers_two_replicas(tmp_path):
-    proc, run_dir = _launch(launcher("deepspeed", 4), tmp_path,
+def test_deepspeed_zero2_four_processes_two_workers_two_replicas_equal_ddp_replicas(tmp_path):
+    """ZeRO-2 (gradients and optimizer state partitioned over a worker's D = 2 replicas) assembles the models
+    that plain torch DDP replicas assemble, bit for bit (D = 2: a sum of two gradients, halved exactly)."""
+    proc, run_dir = _launch(launcher("deepspeed", 4), tmp_path / "zero2",
                             ["--deepspeed", "--deepspeed_config",
-                             os.path.join(ROOT, "ds_configs", "zero0_fp32_cpu_s2d2.json"), "--workers", "2"])
+                             os.path.join(ROOT, "ds_configs", "zero2_fp32_cpu_s2d2.json"), "--workers", "2"])
     assert "4 processes = S=2 x D=2" in proc.stdout
+    _, ddp_dir = _launch(launcher("torchrun", 4), tmp_path / "ddp", ["--workers", "2", "--batch_size", "64"])
+    ddp = [x["assembled"] for x in _lines(ddp_dir, 0, "assembled")]
 
     def steps(rank):
         return [x["subnet"] for x in _lines(run_dir, rank, "subnet")]
@@ -134,7 +138,7 @@ def test_deepspeed_four_processes_two_workers_two_replicas(tmp_path):
     assert steps(0) == steps(2) and steps(1) == steps(3) and len(steps(0)) == 6
     assert all(a != b for a, b in zip(steps(0), steps(1)))
     assembled = [[x["assembled"] for x in _lines(run_dir, r, "assembled")] for r in range(4)]
-    assert all(a == assembled[0] for a in assembled)
+    assert len(ddp) == 3 and all(a == ddp for a in assembled)
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import check_pretrain_bytes
+from conftest import check_pretrain_bytes, free_port
 from conftest import launcher as launcher_cmd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -142,17 +142,31 @@ def test_replicas_stay_identical_and_workers_differ(tmp_path):
     assert phases["dp_grad"] == dp["bytes_sent"] and phases["sync"] == report["measured"]["sync"]["bytes_sent"]
     assert (row["samples_per_worker"], row["samples_total"]) == (2 * 2 * 32, 4 * 2 * 2 * 32)
 
-    # the same run with FSDP2-sharded replicas (--replicas fsdp) assembles the same models bit for bit: with
-    # D = 2 the reduce-scatter's sum of two gradients does not depend on order and its halving is exact
+    # the same run with FSDP2-sharded replicas, launched by accelerate with the shipped FSDP config (it means
+    # --replicas fsdp; tests/test_fsdp.py runs the torchrun --replicas fsdp engine), assembles the same models
+    # bit for bit: with D = 2 the reduce-scatter's sum of two gradients does not depend on order and its halving
+    # is exact, and with S = 2 the sync's means are sums of two values whatever the shard layout
     fsdp_out = tmp_path / "fsdp"
-    proc = _launch("torchrun", 4, FAST + ["--workers", "2", "--rounds", "2", "--ratios", "0.5",
-                                          "--finetune_epochs", "0", "--replicas", "fsdp"], fsdp_out)
+    cmd = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--config_file",
+           os.path.join(ROOT, "accelerate_configs", "fsdp2_cpu.yaml"), "--main_process_port", str(free_port()), RECIPE]
+    proc = subprocess.run(cmd + FAST + ["--workers", "2", "--rounds", "2", "--ratios", "0.5", "--finetune_epochs", "0",
+                                        "--output_dir", str(fsdp_out)], capture_output=True, text=True, cwd=ROOT,
+                          env={**ENV, "ACCELERATE_USE_CPU": "1"}, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "4 processes = S=2 x D=2" in proc.stdout and "FSDP replicas" in proc.stdout
     fsdp_dir = _run_dir(fsdp_out)
+    assert fsdp_dir.name == run_dir.name  # the replica mode is an execution choice, not part of the run's hash
     for rank in range(4):
         assert _assembled(fsdp_dir, rank) == _assembled(run_dir, 0)
+    (fsdp_row,) = json.loads((fsdp_dir / "summary.json").read_text())["ticket_rows"]
+    assert fsdp_row["kept_params"] == row["kept_params"] and fsdp_row["test_acc"] == row["test_acc"]  # the same ticket
     fsdp_report = _comm(fsdp_dir, 0)
-    assert _check_counts(fsdp_report) == report["measured"]["sync"]["bytes_sent"]
+    # the filter axis moves shards: the sync is 1/D of the DDP replicas' (within 2%), equal to its analytic count;
+    # the shards meet over the data group (shard_gather), also counted and equal to the analytic count
+    sync = _check_counts(fsdp_report)
+    assert abs(sync / report["measured"]["sync"]["bytes_sent"] - 0.5) <= 0.01
+    gathered, expected = fsdp_report["measured"]["shard_gather"], fsdp_report["analytic"]["shard_gather"]
+    assert gathered["bytes_sent"] == pytest.approx(expected["bytes_sent"])
     assert "dp_grad" not in fsdp_report["measured"] and fsdp_report["fsdp_analytic"]["bytes_sent"] > 0
 
 

@@ -38,15 +38,26 @@ def test_the_mesh_holds_the_grids_ranks_in_both_orders(ranks):
 
 
 @pytest.mark.slow
-def test_fsdp_replicas_equal_ddp_replicas_with_half_the_state_bytes(ranks):
+def test_fsdp_replicas_equal_ddp_replicas_with_half_the_state_and_sync_bytes(ranks):
     for result in ranks:
-        # D = 2: the reduce-scatter sums two gradients (order-free) and halves them exactly, so no tolerance
+        # bit for bit, no tolerance: with D = 2 the reduce-scatter sums two gradients (order-free) and halves
+        # them exactly; with S = 2 the sync's means are sums of two values, whatever the shard layout
         assert result["bit_identical"] and result["max_abs_diff"] == 0.0 and result["moved"] > 0.1
+        assert result["tickets_identical"]
         ddp, fsdp = result["ddp"]["state_bytes"], result["fsdp"]["state_bytes"]
         for kind in ("params", "grads", "optimizer_state"):
             assert abs(fsdp[kind] / ddp[kind] - 0.5) <= 0.02 * 0.5, (kind, fsdp, ddp)
-        for run in ("ddp", "fsdp"):  # the filter-axis sync is the DDP one for now: equal to the analytic count
-            assert result[run]["sync_sent"] == result[run]["analytic_sync_sent"]
+        assert result["fsdp"]["strategy"] == "ShardedAllGatherSync"
+        for run in ("ddp", "fsdp"):  # every measured phase equals the analytic count
+            measured, expected = result[run]["measured_phases"], result[run]["analytic_phases"]
+            for phase, sent in expected.items():
+                assert measured.get(phase, 0.0) == pytest.approx(sent, rel=1e-9), (run, phase)
+        # the filter axis moves only this rank's shard: 1/D of the DDP replicas' sync (within 2%: shard padding,
+        # BN statistics that FSDP does not shard); the D shards meet over the data group (shard_gather)
+        ratio = result["fsdp"]["measured_phases"]["sync"] / result["ddp"]["measured_phases"]["sync"]
+        assert abs(ratio - 0.5) <= 0.02 * 0.5, ratio
+        assert result["fsdp"]["measured_phases"]["shard_gather"] > 0
+        assert "shard_gather" not in result["ddp"]["measured_phases"]
         # a round-boundary resume from the assembled model alone (what the checkpoint holds) is bit for bit
         assert result["resume_bit_identical"]
 
@@ -57,3 +68,38 @@ def test_fsdp_replicas_equal_ddp_replicas_with_half_the_state_bytes(ranks):
 def test_replica_modes_not_built_are_one_line_errors(replicas, state, message):
     with pytest.raises(ConfigError, match=message):
         check_replicas(replicas, state)
+
+
+def _fsdp_env(monkeypatch, **settings):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    defaults = {"FSDP_VERSION": "2", "FSDP_OFFLOAD_PARAMS": "false", "FSDP_RESHARD_AFTER_FORWARD": "true",
+                "FSDP_ACTIVATION_CHECKPOINTING": "false", "ACCELERATE_MIXED_PRECISION": "no"}
+    for key, value in {**defaults, **settings}.items():
+        monkeypatch.setenv(key, value)
+
+
+def test_an_accelerate_fsdp_config_means_replicas_fsdp(monkeypatch):
+    from loft_ext.engine.config import OutputHparams
+    from loft_ext.engine.setup import fsdp_from_launcher
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert fsdp_from_launcher(OutputHparams()).replicas == "ddp"  # no FSDP launcher: nothing changes
+    _fsdp_env(monkeypatch, ACCELERATE_MIXED_PRECISION="bf16")
+    out = fsdp_from_launcher(OutputHparams())
+    assert (out.replicas, out.mixed_precision) == ("fsdp", "bf16")
+    assert "ACCELERATE_USE_FSDP" not in os.environ  # the Accelerator must not wrap models itself
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"FSDP_VERSION": "1"}, "fsdp_version: 1 .*set fsdp_version: 2"),
+    ({"FSDP_OFFLOAD_PARAMS": "true"}, "fsdp_offload_params: true"),
+    ({"FSDP_ACTIVATION_CHECKPOINTING": "true"}, "fsdp_activation_checkpointing: true"),
+    ({"FSDP_RESHARD_AFTER_FORWARD": "false"}, "fsdp_reshard_after_forward: false"),
+    ({"ACCELERATE_MIXED_PRECISION": "fp16"}, "mixed_precision fp16 is not supported")])
+def test_accelerate_fsdp_settings_not_built_are_one_line_errors(monkeypatch, settings, message):
+    from loft_ext.engine.config import OutputHparams
+    from loft_ext.engine.setup import fsdp_from_launcher
+
+    _fsdp_env(monkeypatch, **settings)
+    with pytest.raises(ConfigError, match=message):
+        fsdp_from_launcher(OutputHparams())

@@ -100,6 +100,11 @@ class LoFT(LoFTState):
         world = accelerator.num_processes if accelerator is not None else 1
         if world > 1:
             check_world(world, config.workers)
+        if accelerator is not None and str(accelerator.distributed_type).endswith("FSDP"):
+            raise ConfigError("this Accelerator was built with Accelerate's FSDP plugin (an FSDP config or "
+                              "ACCELERATE_USE_FSDP), which shards whole models over every process; LoFT shards each "
+                              "worker's sub-network over its own D ranks: build the Accelerator without the FSDP "
+                              "plugin and pass LoFTConfig(replicas=\"fsdp\") (docs/fsdp.md)")
         device = accelerator.device if accelerator is not None else next(model.parameters()).device
         self.plan = plan or make_plan(model, config.workers, config.preset,
                                       tuple(input_shape or default_input_shape(model)),

@@ -16,6 +16,7 @@ from ..errors import ConfigError
 from ..parallel.comm import Comm
 from ..parallel.grid import FilterGrid
 from ..parallel.replicas import check_replicas, wrap_replicas
+from ..parallel.shard_sync import ShardedAllGatherSync
 from ..parallel.sync import OPTIMIZER_STATE_MODES, STRATEGIES, AllGatherSync, AllToAllSync, LocalSync
 from ..partition.plan import PartitionPlan
 from ..partition.subnet import Partition, Slicer, build_subnet, draw_partition
@@ -78,9 +79,15 @@ class LoFTEngine:
             self.strategy = LocalSync(self.workers, plan, optimizer_state)
         else:
             args = (self.workers[0], plan, grid, self.comm, optimizer_state, self.draw)
-            self.strategy = AllGatherSync(*args) if strategy == "allgather" else AllToAllSync(*args, start_round)
+            shards = replicas == "fsdp" and grid.replicas > 1 and replicas_ddp
+            if strategy == "allgather":
+                self.strategy = (ShardedAllGatherSync if shards else AllGatherSync)(*args)
+            else:
+                self.strategy = AllToAllSync(*args, start_round)
             if replicas_ddp:  # False under DeepSpeed: its engine owns the replicas' gradients
                 self.mesh = wrap_replicas(self.workers[0], grid, self.comm, replicas, mixed_precision)
+            if isinstance(self.strategy, ShardedAllGatherSync):
+                self.workers[0].before_sync = None  # the sync moves shards: no full-parameter gather first
         if make_optimizer is not None:  # e.g. ``lambda params: torch.optim.SGD(params, lr=0.1)``
             self.attach_optimizers([make_optimizer(w.module.parameters()) for w in self.workers])
 

@@ -37,7 +37,7 @@ from ..errors import ConfigError
 from ..plugins.snapshots import save_weights
 from .config import PRETRAIN_HPARAMS, CheckpointHparams, DeepSpeedHparams, validate, validate_checkpointing
 from .pretrain import run_pretrain
-from .setup import start_accelerator, start_tracker, tracker_mode
+from .setup import fsdp_from_launcher, start_accelerator, start_tracker, tracker_mode
 
 
 @dataclass
@@ -135,6 +135,7 @@ def run_pipeline(model_hp, data_hp, loft_hp, train_hp, det_hp, out_hp, ticket_hp
     ckpt_hp = ckpt_hp or CheckpointHparams()
     validate_checkpointing(ckpt_hp)
     wandb_mode = tracker_mode(out_hp)
+    out_hp = fsdp_from_launcher(out_hp)
     accelerator = start_accelerator(out_hp, wandb=wandb_mode != "disabled",
                                     collective_timeout=ckpt_hp.collective_timeout)
     main = accelerator.is_main_process

@@ -26,6 +26,7 @@ from ..errors import ConfigError, Preempted, TrainingFailure
 from ..hparams import hparams_hash
 from ..models import create_model
 from ..parallel import analytic, ds
+from ..parallel.shard_sync import ShardedAllGatherSync
 from ..parallel.ds import DeepSpeedConfigError, LoftMPU
 from ..parallel.grid import GridError, build_grid, check_world, plan_layout
 from ..parallel.replicas import check_replicas
@@ -43,8 +44,8 @@ from .config import (CheckpointHparams, DataHparams, DeepSpeedHparams, DetectorH
 from .debug import DebugHashes
 from .helper import LoFT, LoFTConfig
 from .loop import fit, local_step, lr_at
-from .setup import (deepspeed_from_launcher, prepare_run_dir, start_accelerator, start_tracker, tracker_mode,
-                    truncate_logs)
+from .setup import (deepspeed_from_launcher, fsdp_from_launcher, prepare_run_dir, start_accelerator, start_tracker,
+                    tracker_mode, truncate_logs)
 
 
 def build_plugins(det_hp: DetectorHparams, out_hp: OutputHparams, main: bool, print_fn, run_dir: str,
@@ -74,6 +75,8 @@ def fsdp_report(engine, rounds: int, steps: int) -> dict:
     elem = next(w.model.parameters()).element_size()
     gather_elem = 2 if w.sharded.mixed_precision == "bf16" else elem  # the bf16 policy all-gathers bf16
     per = analytic.fsdp_step_bytes(w.model, shard_units(w.model), engine.grid.replicas, gather_elem, elem)
+    if isinstance(engine.strategy, ShardedAllGatherSync):  # the sync moves shards: no full_tensor() gather
+        per["round_bytes_sent"] = 0.0
     return {"note": "analytic only: FSDP's all-gathers and reduce-scatters do not go through loft_ext's Comm",
             **per, "bytes_sent": per["step_bytes_sent"] * steps + per["round_bytes_sent"] * rounds}
 
@@ -87,7 +90,7 @@ def communication_report(engine, model, rounds: int, steps: int, elem: int) -> d
     strategy = "allgather" if isinstance(engine.strategy, AllGatherSync) else "alltoall"
     layout = grid.layout or plan_layout([0] * grid.world_size, grid.workers)
     counted = analytic.rank_bytes(model, plan, layout, grid.rank, strategy, rounds, steps, elem, copies,
-                                  draw=engine.draw)
+                                  draw=engine.draw, sharded=isinstance(engine.strategy, ShardedAllGatherSync))
     fsdp = {}
     if engine.workers[0].sharded is not None:
         counted.pop("dp_grad", None)
@@ -122,6 +125,7 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
     dense = loft_hp.method in ("dense", "earlybird")
     workers = 1 if dense else loft_hp.workers
     optimizer_state = "carry" if dense else loft_hp.optimizer_state
+    out_hp = fsdp_from_launcher(out_hp)
     accelerator = accelerator or start_accelerator(out_hp, wandb=wandb_mode != "disabled",
                                                    collective_timeout=ckpt_hp.collective_timeout)
     world, main = accelerator.num_processes, accelerator.is_main_process

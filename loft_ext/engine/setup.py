@@ -87,6 +87,48 @@ def deepspeed_from_launcher(ds_hp: DeepSpeedHparams | None) -> DeepSpeedHparams 
     return dataclasses.replace(ds_hp, deepspeed=True, deepspeed_config=launched)
 
 
+def _env_flag(name: str, default: str = "false") -> bool:
+    return os.environ.get(name, default).strip().lower() in ("true", "1", "yes")
+
+
+def fsdp_from_launcher(out_hp: OutputHparams) -> OutputHparams:
+    """``accelerate launch --config_file <an FSDP config>`` (accelerate_configs/fsdp2_*.yaml) turns on
+    ``--replicas fsdp``, the run that ``torchrun ... --replicas fsdp`` gives.
+
+    Accelerate shards a whole model over all processes; LoFT shards each worker's sub-network over that
+    worker's D ranks (a sub-mesh), which Accelerate's FSDP plugin cannot express. So loft_ext reads the
+    launcher's FSDP settings, refuses the ones it does not implement, shards itself, and removes
+    ``ACCELERATE_USE_FSDP`` before the Accelerator starts, so the Accelerator never wraps a model (the
+    tickets' fine-tuning stays data-parallel, as under torchrun)."""
+    if not _env_flag("ACCELERATE_USE_FSDP"):
+        return out_hp
+    version = os.environ.get("FSDP_VERSION", "1")
+    refused = []
+    if version != "2":
+        refused.append(f"fsdp_version: {version} (loft_ext shards with FSDP2: set fsdp_version: 2)")
+    if _env_flag("FSDP_OFFLOAD_PARAMS"):
+        refused.append("fsdp_offload_params: true (CPU offload is not built: set it to false)")
+    if not _env_flag("FSDP_RESHARD_AFTER_FORWARD", "true"):
+        refused.append("fsdp_reshard_after_forward: false (not built: set it to true)")
+    if _env_flag("FSDP_ACTIVATION_CHECKPOINTING"):
+        refused.append("fsdp_activation_checkpointing: true (not built: set it to false)")
+    if refused:
+        raise ConfigError("the accelerate FSDP config asks for what loft_ext does not do: " + "; ".join(refused)
+                          + " (accelerate_configs/fsdp2_cpu.yaml is a working config)")
+    launched_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    precision = out_hp.mixed_precision
+    if launched_precision not in ("no", "bf16"):
+        raise ConfigError(f"the accelerate config's mixed_precision {launched_precision} is not supported by "
+                          "loft_ext: use no or bf16")
+    if launched_precision != "no" and precision == "no":
+        precision = launched_precision
+    elif launched_precision != "no" and precision != launched_precision:
+        raise ConfigError(f"--mixed_precision {precision} conflicts with the accelerate config's mixed_precision "
+                          f"{launched_precision}; pass one of them")
+    os.environ.pop("ACCELERATE_USE_FSDP", None)
+    return dataclasses.replace(out_hp, replicas="fsdp", mixed_precision=precision)
+
+
 def check_mixed_precision(mixed_precision: str, device_type: str, bf16_supported: bool | None = None) -> None:
     """Refuse bf16 on a GPU without bf16 support (pre-Ampere) instead of failing inside a kernel."""
     if mixed_precision != "bf16" or device_type != "cuda":

@@ -5,7 +5,8 @@ independently of the code that packs the buffers. Per rank and per round, for S 
 world W = S*D, b bytes per element:
 
 - shared (both strategies): all-reduce of every shared floating tensor over the grid:
-  2 (W-1)/W * b * |shared|;
+  2 (W-1)/W * b * |shared|; with D > 1 replicas the shared parameters (equal on a worker's replicas)
+  over the filter group instead, 2 (S-1)/S * b * |shared params|, the buffers over the grid;
 - allgather: one all_gather of the split slices, padded to the largest worker:
   (S-1) * b * max_s |split_s|  (= (S-1)/S * b * |split| for even splits);
 - alltoall: rank s sends, of every split tensor, the rows (first split dim) it owns now that rank t
@@ -22,6 +23,8 @@ inter-node when its successor is on another node, its received bytes when its pr
 all-to-all is direct (the bytes for a peer on another node are inter-node).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -49,6 +52,18 @@ def _share(plan: PartitionPlan, name: str, numel: int, worker: int) -> int:
 def shared_allreduce_bytes(model, plan, world: int, elem: int, state_copies: int = 0) -> float:
     shared = sum(n * c for name, n, c in _float_tensors(model, state_copies) if name not in plan.tensor_dims)
     return 2 * (world - 1) / world * elem * shared if world > 1 else 0.0
+
+
+def shared_split_bytes(model, plan, world: int, replicas: int, elem: int, state_copies: int = 0) -> tuple[float, float]:
+    """(bytes over the filter group, bytes over the grid) one rank sends per round averaging shared tensors.
+    D = 1: everything in one all-reduce over the grid. D > 1: parameters (and their per-entry state), equal
+    on a worker's replicas, over the S filter ranks; floating buffers over the grid."""
+    if replicas == 1:
+        return 0.0, shared_allreduce_bytes(model, plan, world, elem, state_copies)
+    S = world // replicas
+    params = sum(p.numel() * (1 + state_copies) for n, p in model.named_parameters() if n not in plan.tensor_dims)
+    bufs = sum(b.numel() for n, b in model.named_buffers() if b.is_floating_point() and n not in plan.tensor_dims)
+    return 2 * (S - 1) / S * elem * params if S > 1 else 0.0, 2 * (world - 1) / world * elem * bufs
 
 
 def allgather_round_bytes(model, plan, world: int, elem: int, state_copies: int = 0) -> float:
@@ -113,6 +128,43 @@ def dp_grad_step_bytes(model, plan, worker: int, replicas: int, elem: int) -> fl
     return 2 * (replicas - 1) / replicas * elem * params
 
 
+def _worker_shape(plan: PartitionPlan, name: str, shape: tuple[int, ...], worker: int) -> tuple[int, ...]:
+    shape = list(shape)
+    for dim, gi in plan.tensor_dims.get(name, ()):
+        g = plan.split[gi]
+        shape[dim] = shape[dim] // g.units * units_per_worker(g.units, plan.workers)[worker]
+    return tuple(shape)
+
+
+def _shard_numel(shape: tuple[int, ...], replicas: int, d: int) -> int:
+    """Entries of shard d (the d-th of ``replicas`` dim-0 chunks, cut as torch.chunk does)."""
+    if not shape:
+        return 1 if d == 0 else 0
+    c = -(-shape[0] // replicas)
+    return max(0, min(c, shape[0] - d * c)) * (math.prod(shape) // shape[0] if shape[0] else 0)
+
+
+def sharded_allgather_round_bytes(model, plan, world: int, replicas: int, elem: int) -> dict[str, float]:
+    """Bytes one rank sends per round under ``allgather`` with FSDP-sharded replicas
+    (:mod:`loft_ext.parallel.shard_sync`): ``filter_gather`` (its shard of the split slices, all-gathered
+    over the filter group, padded to the largest shard of any worker), ``shared_params`` (its shard of the
+    shared parameters all-reduced over the filter group), ``shared_buffers`` (shared floating buffers
+    all-reduced over the grid) and ``shard_gather`` (the D shards put together over the data group)."""
+    S, D = plan.workers, replicas
+    tensors = [(n, tuple(t.shape), isinstance(t, nn.Parameter)) for n, t in
+               list(model.named_parameters()) + list(model.named_buffers()) if t.is_floating_point()]
+    split = [(n, shape) for n, shape, _ in tensors if n in plan.tensor_dims]
+    longest = max(sum(_shard_numel(_worker_shape(plan, n, shape, t), D, e) for n, shape in split)
+                  for t in range(S) for e in range(D))
+    params = [shape for n, shape, is_param in tensors if is_param and n not in plan.tensor_dims]
+    shared_longest = max(sum(_shard_numel(shape, D, e) for shape in params) for e in range(D))
+    buffers = sum(math.prod(shape) for n, shape, is_param in tensors if not is_param and n not in plan.tensor_dims)
+    return {"filter_gather": float((S - 1) * elem * longest),
+            "shared_params": 2 * (S - 1) / S * elem * shared_longest if S > 1 else 0.0,
+            "shared_buffers": 2 * (world - 1) / world * elem * buffers if world > 1 else 0.0,
+            "shard_gather": float((D - 1) * elem * (S * longest + shared_longest))}
+
+
 def ring_crossing(ranks: list[int], rank: int, nodes: list[int]) -> tuple[bool, bool]:
     """(successor on another node, predecessor on another node) of ``rank`` in the ring of ``ranks``."""
     ranks = sorted(ranks)
@@ -137,20 +189,28 @@ class _Tally:
 
 
 def rank_bytes(model, plan, layout, rank: int, strategy: str, rounds: int, steps: int, elem: int,
-               state_copies: int = 0, draw=None, expected: bool = False) -> dict:
+               state_copies: int = 0, draw=None, expected: bool = False, sharded: bool = False) -> dict:
     """Analytic bytes of one rank of a grid ``layout`` (:class:`loft_ext.parallel.grid.Layout`) over
     ``rounds`` rounds and ``steps`` local steps, split into intra-node and inter-node: ``{"sync": ...,
     "dp_grad": ...}``, each with bytes_sent/received and inter_node_bytes_sent/received.
 
     ``alltoall`` needs ``draw(r)`` (the partition of round r) for the exact count, or ``expected`` for
-    the expectation over random partitions (even splits)."""
+    the expectation over random partitions (even splits). ``sharded``: FSDP-sharded replicas under
+    ``allgather`` (:func:`sharded_allgather_round_bytes`; adds ``"shard_gather"``)."""
     worker, replica = layout.coords[rank]
     world, nodes = len(layout.coords), layout.nodes
     everyone, filter_ranks, data_ranks = list(range(world)), layout.filter_ranks(replica), layout.data_ranks(worker)
-    sync, grad = _Tally(), _Tally()
-    shared = shared_allreduce_bytes(model, plan, world, elem, state_copies)
-    if strategy == "allgather":
-        gather = allgather_round_bytes(model, plan, world, elem, state_copies) - shared
+    sync, grad, shard = _Tally(), _Tally(), _Tally()
+    shared_filter, shared = shared_split_bytes(model, plan, world, layout.replicas, elem, state_copies)
+    sharded = sharded and strategy == "allgather" and layout.replicas > 1
+    if sharded:
+        parts = sharded_allgather_round_bytes(model, plan, world, layout.replicas, elem)
+        sync.ring(parts["filter_gather"] * rounds, filter_ranks, rank, nodes)
+        shared_filter, shared = parts["shared_params"], parts["shared_buffers"]
+        shard.ring(parts["shard_gather"] * rounds, data_ranks, rank, nodes)
+    elif strategy == "allgather":
+        gather = (allgather_round_bytes(model, plan, world, elem, state_copies)
+                  - shared_allreduce_bytes(model, plan, world, elem, state_copies))
         sync.ring(gather * rounds, filter_ranks, rank, nodes)
     elif expected:
         S = plan.workers
@@ -172,11 +232,13 @@ def rank_bytes(model, plan, layout, rank: int, strategy: str, rounds: int, steps
                 sync.received += received[t]
                 sync.inter_sent += sent[t] if far else 0.0
                 sync.inter_received += received[t] if far else 0.0
+    sync.ring(shared_filter * rounds, filter_ranks, rank, nodes)
     sync.ring(shared * rounds, everyone, rank, nodes)
     if layout.replicas > 1:
         sync.ring(replica_round_bytes(model, plan, worker, layout.replicas, elem) * rounds, data_ranks, rank, nodes)
         grad.ring(dp_grad_step_bytes(model, plan, worker, layout.replicas, elem) * steps, data_ranks, rank, nodes)
-    return {"sync": sync.to_dict(), "dp_grad": grad.to_dict()}
+    out = {"sync": sync.to_dict(), "dp_grad": grad.to_dict()}
+    return {**out, "shard_gather": shard.to_dict()} if sharded else out
 
 
 def fsdp_step_bytes(subnet: nn.Module, units: list[nn.Module], replicas: int, param_elem: int,

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-PHASES = ("sync", "dp_grad", "assemble", "metric", "checkpoint")
+PHASES = ("sync", "shard_gather", "dp_grad", "assemble", "metric", "checkpoint")
 
 # torch 2.14 renamed all_gather_into_tensor (now deprecated, with a warning per call)
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor

@@ -68,6 +68,7 @@ class ShardedReplica:
         fully_shard(self.module, mesh=shard_mesh, mp_policy=policy)
         self._plain_params = dict(model.named_parameters())
         self._plain_buffers = dict(model.named_buffers())
+        self._sharded_params = dict(self.module.named_parameters())
 
     @torch.no_grad()
     def load(self) -> None:
@@ -91,10 +92,20 @@ class ShardedReplica:
         chunks = torch.chunk(full, size, dim=0)
         return chunks[index] if index < len(chunks) else full[full.shape[0]:]
 
+    def local_shard(self, name: str) -> torch.Tensor:
+        """This rank's shard of parameter ``name`` (the trained values)."""
+        p = self._sharded_params[name]
+        if isinstance(p, DTensor):
+            return p.to_local()
+        size, index = self.mesh.size(), self.mesh.get_local_rank()  # not sharded: cut like FSDP would
+        chunks = torch.chunk(p, size, dim=0) if p.dim() else (p,)
+        return chunks[index] if index < len(chunks) else p[p.shape[0]:]
+
     @torch.no_grad()
-    def gather(self) -> None:
-        """The full parameters (all-gathered over the shard mesh) and the buffers into the plain sub-network."""
-        for name, p in self.module.named_parameters():
+    def gather(self, params: bool = True) -> None:
+        """The full parameters (all-gathered over the shard mesh; skipped without ``params``) and the
+        buffers into the plain sub-network."""
+        for name, p in self.module.named_parameters() if params else ():
             full = p.full_tensor() if isinstance(p, DTensor) else p
             self._plain_params[name].copy_(full)
         for name, b in self.module.named_buffers():

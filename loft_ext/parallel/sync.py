@@ -222,16 +222,32 @@ class _Strategy(_OptStateOwner):
             for b, v in zip(bufs, _unpack(flat, [tuple(b.shape) for b in bufs])):
                 b.copy_(v)
 
-    def average_shared(self) -> list[tuple[tuple[str, str], torch.Tensor]]:
-        """All-reduce (mean) of every shared floating tensor over the whole grid; returns the means."""
+    def average_shared(self, params: bool = True) -> list[tuple[tuple[str, str], torch.Tensor]]:
+        """Mean of every shared floating tensor over the grid (only the buffers without ``params``); returns
+        the means. With D > 1 replicas, parameters (and their optimizer state) are equal on a worker's D
+        replicas, so their mean over the grid is their mean over the filter group: they are all-reduced
+        there, and only the buffers (BatchNorm statistics, which the replicas' batches made differ) over the
+        whole grid."""
         items = self.items(split=False)
-        tensors = [self.sub_item(*it) for it in items]
-        flat = _pack(tensors, out=self.buffers.get("shared", sum(t.numel() for t in tensors), tensors[0])
-                     if tensors else None)
-        self.comm.all_reduce(flat, group=None)
-        if self.grid.world_size > 1:
-            flat.div_(self.grid.world_size)
-        return list(zip(items, _unpack(flat, [tuple(t.shape) for t in tensors])))
+        is_param = [isinstance(self.w.slicer.sub_tensors[name], nn.Parameter) for name, _ in items]
+        if self.grid.replicas == 1 and params:
+            groups = [(items, None, self.grid.world_size)]
+        else:
+            groups = [([it for it, p in zip(items, is_param) if not p], None, self.grid.world_size)]
+            if params:
+                groups.insert(0, ([it for it, p in zip(items, is_param) if p], self.grid.filter_group,
+                                  self.grid.workers))
+        out = []
+        for key, (members, group, n) in enumerate(groups):
+            if not members:
+                continue
+            tensors = [self.sub_item(*it) for it in members]
+            flat = _pack(tensors, out=self.buffers.get(f"shared{key}", sum(t.numel() for t in tensors), tensors[0]))
+            self.comm.all_reduce(flat, group=group)
+            if n > 1:
+                flat.div_(n)
+            out += zip(members, _unpack(flat, [tuple(t.shape) for t in tensors]))
+        return out
 
     def keep_scalar_state(self) -> None:
         """Optimizer state that is not per entry (Adam's step) is equal on every worker: keep ours."""

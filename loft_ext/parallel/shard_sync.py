@@ -1,0 +1,125 @@
+"""The ``allgather`` sync of FSDP-sharded replicas (``--replicas fsdp``, D > 1): the filter axis moves shards.
+
+Rank (s, d) holds shard d of worker s's sub-network: FSDP2's dim-0 chunk (``torch.chunk`` over D) of
+every parameter. Under DDP replicas all D replicas of a worker hold the whole sub-network and each sends
+the same whole slices over the filter axis. Here rank (s, d) sends only shard d, to the ranks of the
+other workers that hold shard d (its filter group), and the D shards are put together once, inside the
+worker's data group:
+
+1. BatchNorm statistics of split channels are averaged over the data group (as under DDP), shared
+   BatchNorm statistics over the whole grid (as under DDP; FSDP does not shard buffers);
+2. split tensors: shard d of this worker's slices, all-gathered over the filter group (``sync``);
+3. shared parameters: shard d, averaged over the filter group (the D replicas of a worker already agree,
+   so the mean over S workers is the mean over the grid) (``sync``);
+4. one all-gather over the data group of what 2 and 3 produced (``shard_gather``): every rank ends the
+   round with the full model, as under DDP, and FSDP's own full-parameter all-gather before the sync
+   (``DTensor.full_tensor``) is not needed.
+
+Per rank, the filter-axis bytes are 1/D of the DDP replicas' (up to the padding of shards); the data-axis
+gather adds what FSDP's round-end all-gather moved before, for every worker's slices. With replicas
+placed within a node, only the filter axis crosses nodes. Shared parameters are a mean of S values here
+and of S x D (pairwise equal) values under DDP: the two agree to float rounding, not bit for bit.
+
+Carried optimizer state is refused under fsdp (:func:`loft_ext.parallel.replicas.check_replicas`), so
+only weights and buffers move.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from ..partition.subnet import slice_indices, write_slice
+from .sync import AllGatherSync, _pack, _unpack
+
+
+def shard_shape(shape: tuple[int, ...], replicas: int, d: int) -> tuple[int, ...]:
+    """Shape of shard ``d`` of a tensor of ``shape``: its d-th dim-0 chunk, as ``torch.chunk`` (and FSDP2)
+    cut it; empty when the chunks run out. A 0-dim tensor is shard 0's whole."""
+    if not shape:
+        return (1,) if d == 0 else (0,)
+    c = -(-shape[0] // replicas)
+    return (max(0, min(c, shape[0] - d * c)), *shape[1:])
+
+
+def shard_of(t: torch.Tensor, replicas: int, d: int) -> torch.Tensor:
+    if t.dim() == 0:
+        return t.reshape(1) if d == 0 else t.new_empty(0)
+    c = -(-t.shape[0] // replicas)
+    start = min(d * c, t.shape[0])
+    return t.narrow(0, start, shard_shape(tuple(t.shape), replicas, d)[0])
+
+
+def join_shards(pieces: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.cat(pieces, dim=0).view(shape)
+
+
+class ShardedAllGatherSync(AllGatherSync):
+    """``allgather`` where rank (s, d) moves only shard d over the filter axis (module docstring)."""
+
+    def _piece(self, name: str) -> torch.Tensor:
+        """This rank's shard of tensor ``name``: the trained FSDP local shard of a parameter, the dim-0
+        chunk of a buffer (equal on the D replicas once averaged)."""
+        t = self.w.slicer.sub_tensors[name]
+        if isinstance(t, nn.Parameter):
+            return self.w.sharded.local_shard(name).reshape(-1)
+        return shard_of(t, self.grid.replicas, self.grid.data_index).reshape(-1)
+
+    @torch.no_grad()
+    def sync(self, part, next_part) -> None:
+        self.w.sharded.gather(params=False)  # the trained BN statistics into the plain sub-network
+        self.average_split_buffers_over_replicas()
+        S, D, d, me = self.plan.workers, self.grid.replicas, self.grid.data_index, self.w.index
+        sub, full = self.w.slicer.sub_tensors, self.w.slicer.full_tensors
+        split = [n for n, _ in self.items(split=True, state=False)]
+        shapes = [[self.plan.narrow_shape(n, self.full_shapes[n], self.units[t]) for n in split] for t in range(S)]
+        pieces = [[[shard_shape(s, D, e) for s in shapes[t]] for e in range(D)] for t in range(S)]
+        sizes = [[sum(math.prod(s) for s in pieces[t][e]) for e in range(D)] for t in range(S)]
+        longest = max(max(row) for row in sizes)
+        ref = sub[split[0]]
+        mine = _pack([self._piece(n) for n in split], longest, out=self.buffers.get("send", longest, ref))
+        gathered = self.buffers.get("gathered", S * longest, ref)
+        self.comm.all_gather(gathered, mine, group=self.grid.filter_group)
+
+        shared = [n for n in self.w.slicer.shared_names
+                  if isinstance(sub[n], nn.Parameter) and sub[n].is_floating_point()]
+        shared_pieces = [[shard_shape(self.full_shapes[n], D, e) for n in shared] for e in range(D)]
+        shared_sizes = [sum(math.prod(s) for s in row) for row in shared_pieces]
+        shared_longest = max(shared_sizes)
+        block = S * longest + shared_longest
+        send = self.buffers.get("shard_send", block, ref)
+        send[:S * longest].copy_(gathered)
+        if shared:
+            means = _pack([self._piece(n) for n in shared], shared_longest, out=send[S * longest:])
+            self.comm.all_reduce(means, group=self.grid.filter_group)
+            if S > 1:
+                means.div_(S)
+        everything = self.buffers.get("shard_all", D * block, ref)
+        with self.comm.phase("shard_gather"):
+            self.comm.all_gather(everything, send, group=self.grid.data_group)
+
+        for t in range(S):
+            per_shard = [_unpack(everything[e * block + t * longest:e * block + t * longest + sizes[t][e]],
+                                 pieces[t][e]) for e in range(D)]
+            for i, name in enumerate(split):
+                whole = join_shards([per_shard[e][i] for e in range(D)], shapes[t][i])
+                write_slice(full[name], whole, slice_indices(self.plan, part, name, self.full_shapes[name], t))
+                if t == me:
+                    sub[name].copy_(whole)
+        start = S * longest
+        per_shard = [_unpack(everything[e * block + start:e * block + start + shared_sizes[e]], shared_pieces[e])
+                     for e in range(D)]
+        for i, name in enumerate(shared):
+            whole = join_shards([per_shard[e][i] for e in range(D)], self.full_shapes[name])
+            full[name].copy_(whole)
+            sub[name].copy_(whole)
+        for (name, _), mean in self.average_shared(params=False):
+            full[name].copy_(mean)
+            sub[name].copy_(mean)
+        for name in self.w.slicer.shared_names:  # integer counters: equal everywhere
+            if not full[name].is_floating_point():
+                full[name].copy_(sub[name])
+
+
+__all__ = ["ShardedAllGatherSync", "shard_shape", "shard_of", "join_shards"]
