@@ -12,6 +12,9 @@ Measures and checks, each section isolated so that a failure is recorded and the
 - ``bf16_rounds``: LoFT rounds with S=2 under bf16 autocast in channels_last (the recipe's ``--mixed_precision
   bf16 --channels_last``) keep every tensor finite and the layout in the sub-networks, and the loss falls on
   a fixed synthetic batch set.
+- ``fsdp_bf16``: LoFT rounds with worker 0 as the FSDP2-sharded copy of ``--replicas fsdp --mixed_precision
+  bf16`` on a one-rank mesh over NCCL: bf16 forward, fp32 shards and gradients, the round's slices loaded into
+  the shards exactly, finite, the loss falls; step time and peak memory of that worker vs a plain one.
 - ``ds_<config>``: for ds_configs/zero0_fp32_cpu.json, zero1_fp32_cpu.json and zero1_bf16_gpu.json, one
   process (world size 1, NCCL), ``LoftMPU`` over ``build_grid(1)``, worker 0 of an S=2 plan wrapped by
   ``ds.initialize`` inside a ``LoFTEngine`` (worker 1 plain torch), exactly as the runner wires it: at
@@ -58,6 +61,7 @@ ITEMS = {
     "identity": ("checks", 45, 45),
     "s1_equals_sgd": ("checks", 60, 60),
     "bf16_rounds": ("checks", 45, 60),
+    "fsdp_bf16": ("checks", 60, 90),
     "ds_zero0_fp32_cpu": ("deepspeed", 90, 60),
     "ds_zero1_fp32_cpu": ("deepspeed", 60, 60),
     "ds_zero1_bf16_gpu": ("deepspeed", 60, 60),
@@ -307,6 +311,12 @@ def _section_line(name, rec) -> str:
         return (f"worker loss {_fmt(d.get('worker_loss_first_round'))} -> {_fmt(d.get('worker_loss_last_round'))}, "
                 f"assembled eval loss {_fmt(d.get('eval_loss_before'))} -> {_fmt(d.get('eval_loss_after'))}, "
                 f"finite {d.get('finite')}")
+    if name == "fsdp_bf16":
+        return (f"forward {d.get('forward_output_dtype')}, shards {d.get('shard_dtypes')}, slices loaded exactly "
+                f"{d.get('slices_loaded_exactly')}, worker loss {_fmt(d.get('worker_loss_first_round'))} -> "
+                f"{_fmt(d.get('worker_loss_last_round'))}, step s fsdp/plain {_fmt(d.get('step_s_fsdp_worker'))}/"
+                f"{_fmt(d.get('step_s_plain_worker'))}, peak MiB fsdp/plain {_fmt(d.get('peak_mib_fsdp_worker'))}/"
+                f"{_fmt(d.get('peak_mib_plain_worker'))}")
     if name.startswith("ds_"):
         if not d.get("rounds"):
             return d.get("error", "")
@@ -680,6 +690,102 @@ def sec_bf16_rounds(ctx: Ctx) -> dict:
             "channels_last_kept": layout_kept, "passed": bool(finite and layout_kept and last < first and after < before)}
 
 
+def sec_fsdp_bf16(ctx: Ctx) -> dict:
+    """LoFT rounds (resnet18, S=2, simulated) with worker 0 trained as the FSDP2-sharded copy of
+    ``--replicas fsdp --mixed_precision bf16`` (loft_ext.parallel.sharded: bf16 compute and all-gathers, fp32
+    shards and gradient reduce-scatter) on a one-rank mesh over the run's process group (NCCL on the GPU;
+    one GPU gives D = 1: the D > 1 collectives are tested on gloo by tests/test_fsdp.py), worker 1 plain torch
+    under bf16 autocast, as the recipe runs it. Checks: the forward computes in bf16 while the shards and
+    their gradients stay fp32; the round's slices reach the shards at every round start and the trained
+    values come back at the sync (the assembled model moves); everything stays finite and the loss falls.
+    Measures each worker's training-step time and the CUDA peak memory of a step of each."""
+    import statistics
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from loft_ext.engine.loft import LoFTEngine
+    from loft_ext.engine.loop import local_step
+    from loft_ext.models import create_model
+    from loft_ext.parallel.sharded import ShardedReplica
+    from loft_ext.partition.plan import make_plan
+    from loft_ext.partition.subnet import read_slice
+
+    torch = ctx.torch
+    _ds_setup(ctx)
+    mesh = init_device_mesh(ctx.dev_type, (1,), mesh_dim_names=("shard",))
+    rounds, local_steps, batch, n_batches = (3, 2, 16, 4) if ctx.cpu else (6, 4, 128, 8)
+    torch.manual_seed(0)
+    full = create_model("resnet18", num_classes=10).to(ctx.device)
+    plan = make_plan(full, 2, "all", (1, 3, 32, 32), "resnet18")
+    data = _synthetic(torch, ctx.device, n_batches, batch, seed=3)
+    engine = LoFTEngine(full, plan, seed=0, optimizer_state="reset")
+    w0, w1 = engine.workers
+    w0.sharded = sharded = ShardedReplica(w0.model, mesh, "bf16")
+    w0.module, w0.after_load, w0.before_sync = sharded.module, sharded.load, sharded.gather
+    engine.attach_optimizers([torch.optim.SGD(w.module.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+                              for w in engine.workers])
+    seen = {}
+    def record_dtype(module, inputs, output):  # returns None: the output is left as it is
+        seen.setdefault("output_dtype", str(output.dtype))
+    sharded.module.register_forward_hook(record_dtype)
+
+    def autocast():
+        return torch.autocast(ctx.dev_type, dtype=torch.bfloat16)
+
+    def timed_step(w, x, y):
+        ctx.sync()
+        if not ctx.cpu:
+            torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        loss = local_step(w, x, y, autocast=autocast)
+        ctx.sync()
+        peak = torch.cuda.max_memory_allocated() / 2 ** 20 if not ctx.cpu else None
+        return loss, time.perf_counter() - t, peak
+
+    per_round, times, peaks, finite, loads_exact = [], {0: [], 1: []}, {0: [], 1: []}, True, True
+    for r in range(rounds):
+        part = engine.begin_round(r)
+        for name, p in sharded.module.named_parameters():  # the round's slices reached the shards
+            want = read_slice(dict(full.named_parameters())[name], w0.slicer.indices(part, name)) \
+                if name in plan.tensor_dims else dict(full.named_parameters())[name]
+            local = p.to_local() if isinstance(p, DTensor) else p
+            loads_exact &= bool(torch.equal(local, want.detach()))
+        before = {k: v.detach().clone() for k, v in full.state_dict().items()}
+        losses = []
+        for step in range(local_steps):
+            for w in engine.workers:
+                x, y = data[(r * local_steps * 2 + step * 2 + w.index) % n_batches]
+                loss, dt, peak = timed_step(w, x, y)
+                losses.append(loss)
+                if r > 0:  # the first round pays one-time allocations
+                    times[w.index].append(dt)
+                    peaks[w.index].append(peak)
+        grads = {str(p.grad.dtype) for p in sharded.module.parameters() if p.grad is not None}
+        engine.sync()
+        moved = max((full.state_dict()[k].float() - v.float()).abs().max().item() for k, v in before.items()
+                    if v.is_floating_point())
+        finite_r = all(bool(torch.isfinite(t).all()) for t in full.state_dict().values() if t.is_floating_point())
+        finite &= finite_r and all(v == v and abs(v) != float("inf") for v in losses)
+        per_round.append({"round": r, "worker_losses": losses, "finite": finite_r, "assembled_moved": moved,
+                          "grad_dtypes": sorted(grads)})
+        ctx.progress({"rounds": per_round})
+    shard_dtypes = sorted({str(p.dtype) for p in sharded.module.parameters()})
+    first = statistics.fmean(per_round[0]["worker_losses"])
+    last = statistics.fmean(per_round[-1]["worker_losses"])
+    step_s = {k: statistics.median(v) for k, v in times.items() if v}
+    dtypes_ok = (seen.get("output_dtype") == "torch.bfloat16" and shard_dtypes == ["torch.float32"]
+                 and all(r["grad_dtypes"] == ["torch.float32"] for r in per_round))
+    return {"rounds": per_round, "batch": batch, "local_steps": local_steps, "forward_output_dtype": seen.get("output_dtype"),
+            "shard_dtypes": shard_dtypes, "slices_loaded_exactly": loads_exact, "finite": finite,
+            "worker_loss_first_round": first, "worker_loss_last_round": last,
+            "step_s_fsdp_worker": step_s.get(0), "step_s_plain_worker": step_s.get(1),
+            "peak_mib_fsdp_worker": max(peaks[0]) if peaks[0] and peaks[0][0] is not None else None,
+            "peak_mib_plain_worker": max(peaks[1]) if peaks[1] and peaks[1][0] is not None else None,
+            "passed": bool(dtypes_ok and loads_exact and finite and last < first
+                           and all(r["assembled_moved"] > 0 for r in per_round))}
+
+
 def _ds_setup(ctx: Ctx):
     """World size 1 process group (NCCL on a GPU, gloo in --cpu-smoke) and the 1-worker grid."""
     if ctx.dist is not None:
@@ -1023,6 +1129,8 @@ def run_child(args) -> int:
                     data = sec_s1_equals_sgd(ctx)
                 elif item == "bf16_rounds":
                     data = sec_bf16_rounds(ctx)
+                elif item == "fsdp_bf16":
+                    data = sec_fsdp_bf16(ctx)
                 elif item in DS_CONFIGS:
                     data = sec_deepspeed(ctx, DS_CONFIGS[item])
                 elif item.startswith("throughput_"):

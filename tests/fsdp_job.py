@@ -53,10 +53,12 @@ def batch(worker: int, replica: int, round_index: int, step: int):
     return torch.randn(BATCH, *SHAPE[1:], generator=g), torch.randint(0, 10, (BATCH,), generator=g)
 
 
-def train(base, plan, grid, replicas: str, start: int = 0, stop: int = ROUNDS, record_bytes: bool = False):
+def train(base, plan, grid, replicas: str, start: int = 0, stop: int = ROUNDS, record_bytes: bool = False,
+          mixed_precision: str = "no"):
     model = create_model(MODEL, 10)
     model.load_state_dict(base.state_dict())
     engine = LoFTEngine(model, plan, seed=0, grid=grid, replicas=replicas, start_round=start,
+                        mixed_precision=mixed_precision,
                         make_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=5e-4))
     w = engine.workers[0]
     state_bytes = None
@@ -98,6 +100,11 @@ def main(out_dir: str) -> None:
     resumed_base.load_state_dict(first)
     resumed, _ = train(resumed_base, plan, grid, "fsdp", start=1)
     floats = [k for k, v in ddp.items() if v.is_floating_point()]
+    # the bf16 policy (--mixed_precision bf16): BatchNorms keep fp32 parameters (torch's batch_norm needs them
+    # in the dtype of the running statistics), the rest computes in bf16
+    bf16, _ = train(base, plan, grid, "fsdp", stop=1, mixed_precision="bf16")
+    result["bf16_finite"] = all(bool(torch.isfinite(bf16[k]).all()) for k in floats)
+    result["bf16_moved"] = max((bf16[k] - base.state_dict()[k]).abs().max().item() for k in floats)
 
     def as_model(state):
         m = create_model(MODEL, 10)

@@ -60,6 +60,8 @@ def test_fsdp_replicas_equal_ddp_replicas_with_half_the_state_and_sync_bytes(ran
         assert "shard_gather" not in result["ddp"]["measured_phases"]
         # a round-boundary resume from the assembled model alone (what the checkpoint holds) is bit for bit
         assert result["resume_bit_identical"]
+        # the bf16 policy trains (it failed inside batch_norm before BatchNorms kept fp32 parameters)
+        assert result["bf16_finite"] and result["bf16_moved"] > 0.01
 
 
 @pytest.mark.parametrize("replicas, state, message", [

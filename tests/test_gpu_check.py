@@ -11,7 +11,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "DS_BUILD_OPS": "0"}
-SECTIONS = {"env", "identity", "s1_equals_sgd", "bf16_rounds", "ds_zero0_fp32_cpu", "ds_zero1_fp32_cpu",
+SECTIONS = {"env", "identity", "s1_equals_sgd", "bf16_rounds", "fsdp_bf16", "ds_zero0_fp32_cpu", "ds_zero1_fp32_cpu",
             "ds_zero1_bf16_gpu", "throughput_resnet18", "throughput_resnet50"}
 
 
@@ -31,7 +31,7 @@ def test_cpu_smoke_runs_every_section_and_records_the_skips(tmp_path):
     assert res["summary"]["failed"] == [] and res["summary"]["error"] == []
 
     # the correctness checks ran and passed
-    for name in ("identity", "s1_equals_sgd", "bf16_rounds", "ds_zero0_fp32_cpu", "ds_zero1_fp32_cpu"):
+    for name in ("identity", "s1_equals_sgd", "bf16_rounds", "fsdp_bf16", "ds_zero0_fp32_cpu", "ds_zero1_fp32_cpu"):
         assert secs[name]["status"] == "ok" and secs[name]["data"]["passed"] is True, (name, secs[name])
     identity = secs["identity"]["data"]["rows"]
     assert [r["workers"] for r in identity] == [2, 4]
@@ -43,6 +43,9 @@ def test_cpu_smoke_runs_every_section_and_records_the_skips(tmp_path):
     bf16 = secs["bf16_rounds"]["data"]
     assert bf16["finite"] and bf16["worker_loss_last_round"] < bf16["worker_loss_first_round"]
     assert bf16["channels_last_kept"]  # sub-networks keep the channels_last layout of the full model
+    fsdp = secs["fsdp_bf16"]["data"]  # the FSDP bf16 policy: bf16 compute, fp32 shards, slices reach the shards
+    assert fsdp["forward_output_dtype"] == "torch.bfloat16" and fsdp["shard_dtypes"] == ["torch.float32"]
+    assert fsdp["slices_loaded_exactly"] and fsdp["worker_loss_last_round"] < fsdp["worker_loss_first_round"]
     zero0, zero1 = secs["ds_zero0_fp32_cpu"]["data"], secs["ds_zero1_fp32_cpu"]["data"]
     assert zero0["master_copy"] is False and zero1["master_copy"] is True and zero1["zero_stage"] == 1
     for rounds in (zero0["rounds"], zero1["rounds"]):

@@ -242,7 +242,7 @@ def rank_bytes(model, plan, layout, rank: int, strategy: str, rounds: int, steps
 
 
 def fsdp_step_bytes(subnet: nn.Module, units: list[nn.Module], replicas: int, param_elem: int,
-                    reduce_elem: int) -> dict:
+                    reduce_elem: int, fp32_groups: list[nn.Module] = ()) -> dict:
     """Bytes one rank sends in FSDP2's own collectives (``--replicas fsdp``; not counted by ``Comm``),
     from the worker's sub-network and the blocks sharded one by one (``units``; the rest is the root).
 
@@ -250,17 +250,22 @@ def fsdp_step_bytes(subnet: nn.Module, units: list[nn.Module], replicas: int, pa
     ceil(n0 / D) * (numel / n0) entries; a ring all-gather or reduce-scatter of a shard sends (D-1)
     shards. Per step: every group's parameters all-gathered for forward, the blocks' again for backward
     (they are resharded after forward; the root is not), every gradient reduce-scattered. Per round: the
-    full parameters all-gathered once (``DTensor.full_tensor``, fp32) before the sync."""
+    full parameters all-gathered once (``DTensor.full_tensor``, fp32) before the sync. ``fp32_groups``:
+    modules sharded as groups of their own that keep fp32 parameters under a bf16 policy (BatchNorms,
+    :func:`loft_ext.parallel.sharded.keeps_fp32`): all-gathered in fp32 for forward and again for backward."""
     if replicas == 1:
         return {"step_bytes_sent": 0.0, "round_bytes_sent": 0.0}
 
     def shard(p):
         return -(-p.shape[0] // replicas) * (p.numel() // p.shape[0]) if p.dim() and p.shape[0] else p.numel()
     in_units = {id(p) for u in units for p in u.parameters()}
+    own_group = {id(p) for m in fp32_groups for p in m.parameters(recurse=False)}
     params = list(subnet.parameters())
-    unit_shards = sum(shard(p) for p in params if id(p) in in_units)
+    unit_shards = sum(shard(p) for p in params if id(p) in in_units and id(p) not in own_group)
     all_shards = sum(shard(p) for p in params)
-    gathers = (all_shards + unit_shards) * param_elem  # forward: everything; backward: the blocks again
+    fp32_shards = sum(shard(p) for p in params if id(p) in own_group)
+    # forward: everything; backward: the blocks again, and the fp32 groups (never the root) again
+    gathers = (all_shards - fp32_shards + unit_shards) * param_elem + 2 * fp32_shards * reduce_elem
     step = (replicas - 1) * (gathers + all_shards * reduce_elem)
     full_elem = params[0].element_size() if params else 4
     return {"step_bytes_sent": float(step), "round_bytes_sent": float((replicas - 1) * all_shards * full_elem)}

@@ -48,6 +48,15 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
     return units
 
 
+def keeps_fp32(module: nn.Module) -> bool:
+    """A norm with running statistics and parameters (BatchNorm and timm's BatchNormAct2d and relatives):
+    torch's batch_norm needs its weight in the dtype of its fp32 running statistics, so a bf16 cast of its
+    parameters fails (on the CPU: "expected scalar type BFloat16 but found Float"). It is sharded as a group
+    of its own that keeps fp32 parameters, as FSDP1's MixedPrecision keeps _BatchNorm modules by default."""
+    return (isinstance(getattr(module, "running_mean", None), torch.Tensor)
+            and any(True for _ in module.parameters(recurse=False)))
+
+
 def mixed_precision_policy(mixed_precision: str) -> MixedPrecisionPolicy:
     """bf16 compute and parameter all-gathers, fp32 gradient reduce-scatter (``--mixed_precision bf16``)."""
     if mixed_precision == "bf16":
@@ -63,8 +72,12 @@ class ShardedReplica:
         self.mesh, self.mixed_precision = shard_mesh, mixed_precision
         self.module = copy.deepcopy(model)
         policy = mixed_precision_policy(mixed_precision)
+        fp32 = [m for m in self.module.modules() if keeps_fp32(m)] if mixed_precision != "no" else []
+        for norm in fp32:  # norms with running statistics keep fp32 parameters (groups of their own)
+            fully_shard(norm, mesh=shard_mesh, mp_policy=MixedPrecisionPolicy())
         for unit in shard_units(self.module):
-            fully_shard(unit, mesh=shard_mesh, mp_policy=policy)
+            if not any(unit is norm for norm in fp32):  # a norm that is a unit itself is sharded already
+                fully_shard(unit, mesh=shard_mesh, mp_policy=policy)
         fully_shard(self.module, mesh=shard_mesh, mp_policy=policy)
         self._plain_params = dict(model.named_parameters())
         self._plain_buffers = dict(model.named_buffers())
@@ -131,4 +144,4 @@ def training_state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer) ->
             "optimizer_state": local_bytes(state)}
 
 
-__all__ = ["ShardedReplica", "shard_units", "mixed_precision_policy", "local_bytes", "training_state_bytes"]
+__all__ = ["ShardedReplica", "shard_units", "keeps_fp32", "mixed_precision_policy", "local_bytes", "training_state_bytes"]
