@@ -121,8 +121,8 @@ def test_replicas_stay_identical_and_workers_differ(tmp_path):
     assert "4 processes = S=2 x D=2" in proc.stdout
     run_dir = _run_dir(tmp_path)
 
-    def steps(rank):
-        lines = [json.loads(x) for x in (run_dir / f"hashes-rank{rank}.jsonl").read_text().splitlines()]
+    def steps(rank, directory=run_dir):
+        lines = [json.loads(x) for x in (directory / f"hashes-rank{rank}.jsonl").read_text().splitlines()]
         return [x["subnet"] for x in lines if "subnet" in x]
 
     # ranks 0 and 2 are worker 0's replicas, 1 and 3 worker 1's (rank = d * S + s)
@@ -158,6 +158,7 @@ def test_replicas_stay_identical_and_workers_differ(tmp_path):
     assert fsdp_dir.name == run_dir.name  # the replica mode is an execution choice, not part of the run's hash
     for rank in range(4):
         assert _assembled(fsdp_dir, rank) == _assembled(run_dir, 0)
+        assert steps(rank, fsdp_dir) == steps(rank)  # every step's whole sub-network (gathered from the shards)
     (fsdp_row,) = json.loads((fsdp_dir / "summary.json").read_text())["ticket_rows"]
     assert fsdp_row["kept_params"] == row["kept_params"] and fsdp_row["test_acc"] == row["test_acc"]  # the same ticket
     fsdp_report = _comm(fsdp_dir, 0)

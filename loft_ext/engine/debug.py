@@ -5,6 +5,7 @@ import hashlib
 import json
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from ..parallel import ds
 from ..partition.subnet import read_slice, tensors_of
@@ -16,8 +17,10 @@ def model_hash(model: torch.nn.Module, params_only: bool = False) -> str:
     h = hashlib.sha256()
     tensors = dict(model.named_parameters()) if params_only else tensors_of(model)
     for name, t in tensors.items():
+        if isinstance(t, DTensor):  # an FSDP shard: the whole parameter (a collective over its mesh)
+            t = t.full_tensor()
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -52,7 +55,9 @@ class DebugHashes(Plugin):
                                         "master_copy": ds.master_copy(w.ds_engine)}) + "\n")
 
     def on_local_step_end(self, loop, worker, step, loss):
-        sub = loop.engine.workers[loop.local_index[worker]].model
+        w = loop.engine.workers[loop.local_index[worker]]
+        # the trained values: under --replicas fsdp the sharded copy (the plain one is loaded per round)
+        sub = w.sharded.module if w.sharded is not None else w.model
         self.file.write(json.dumps({"round": loop.state.round_index, "worker": worker, "step": step,
                                     "subnet": model_hash(sub, params_only=True)}) + "\n")
 
