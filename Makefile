@@ -38,7 +38,7 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	WANDB_MODE=disabled OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadgroup -m 'not slow' $(PYTEST_ARGS)
 
-# every benchmark (communication, step time, memory, sync time, ticket speed; several minutes on 2 CPU cores), one table
+# every benchmark (communication, step time, memory, FSDP memory, sync time, ticket speed; several minutes on 2 CPU cores), one table
 # of ratios vs targets: docs/results/bench.txt, raw numbers in docs/results/bench.json (docs/results.md)
 bench: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench.py $(ARGS)

@@ -6,6 +6,8 @@ Runs, each as its own subprocess (a fresh interpreter; OMP_NUM_THREADS=1) that w
   (measured on gloo processes next to the analytic count);
 - benchmarks/step_time.py: one worker's training step time, sub-network / dense;
 - benchmarks/memory.py: one worker's peak training memory, sub-network / dense (exact accounting and RSS);
+- benchmarks/fsdp_memory.py: per-rank training memory and LoFT sync bytes, FSDP vs DDP replicas (S=2 x D=2
+  gloo processes; exact accounting);
 - benchmarks/sync_time.py: sync time vs compute time per round on 2 gloo processes, both strategies;
 - benchmarks/ticket_speed.py: inference of compact tickets vs dense (batch-1 latency, batch-64 throughput;
   1 thread and all threads; eager and torch.export; hidden-only and hidden+stream tickets at r = 0.5, 0.8).
@@ -49,11 +51,12 @@ BENCHMARKS = {
     "sync_time": {"full": [], "smoke": ["--rounds", "1", "--warmup", "0", "--local_steps", "2", "--batch", "16",
                                         "--profile"]},
     "ticket_speed": {"full": [], "smoke": ["--smoke"]},
+    "fsdp_memory": {"full": [], "smoke": ["--model", "resnet18", "--batch", "16", "--image_size", "16"]},
 }
 # benchmarks whose JSON has a --runs_dir for per-rank records
 WITH_RUNS_DIR = ("communication", "sync_time")
 # start order with --jobs > 1: the longest first, so the last to start is short
-START_ORDER = ("communication", "memory", "sync_time", "ticket_speed", "step_time")
+START_ORDER = ("communication", "memory", "fsdp_memory", "sync_time", "ticket_speed", "step_time")
 
 
 def run_benchmark(name: str, smoke: bool, results_dir: str) -> dict:
@@ -137,6 +140,23 @@ def memory_rows(result: dict) -> list[dict]:
     return rows
 
 
+def fsdp_memory_rows(result: dict) -> list[dict]:
+    case = f"{result['model']} S={result['workers']} D={result['replicas']} batch {result['batch']}"
+    resnet50 = result["model"] == "resnet50"
+    worst = max(result["table"], key=lambda t: t["total_ratio"])
+    sync = result["sync_ratio_max"]
+    half = 1 / result["replicas"]
+    return [
+        _row("fsdp memory", case, "params + grads + optimizer per rank fsdp / ddp", result["state_ratio_max"],
+             f"{result['state_ratio_max']:.4f}", ("<=", 0.51, "<= 0.51") if resnet50 else None),
+        _row("fsdp memory", case, "training memory per rank fsdp / ddp (exact)", worst["total_ratio"],
+             f"{worst['total_ratio']:.3f} ({worst['fsdp']['total'] / MIB:.0f} / {worst['ddp']['total'] / MIB:.0f} MiB)",
+             ("<=", 0.85, "<= 0.85") if resnet50 else None),
+        _row("fsdp memory", case, "LoFT sync bytes per rank fsdp / ddp", sync, f"{sync:.4f}",
+             ("in", (half * 0.98, half * 1.02), f"1/D = {half:.2f} +- 2%"), size_dependent=False),
+    ]
+
+
 def sync_time_rows(result: dict) -> list[dict]:
     case = f"{result['model']} {result['nproc']} procs L={result['local_steps']} batch {result['batch']}"
     rows = []
@@ -168,6 +188,7 @@ def ticket_speed_rows(result: dict) -> list[dict]:
 
 
 ROWS = {"communication": communication_rows, "step_time": step_time_rows, "memory": memory_rows,
+        "fsdp_memory": fsdp_memory_rows,
         "sync_time": sync_time_rows, "ticket_speed": ticket_speed_rows}
 
 

@@ -776,7 +776,8 @@ def sec_fsdp_bf16(ctx: Ctx) -> dict:
     step_s = {k: statistics.median(v) for k, v in times.items() if v}
     dtypes_ok = (seen.get("output_dtype") == "torch.bfloat16" and shard_dtypes == ["torch.float32"]
                  and all(r["grad_dtypes"] == ["torch.float32"] for r in per_round))
-    return {"rounds": per_round, "batch": batch, "local_steps": local_steps, "forward_output_dtype": seen.get("output_dtype"),
+    return {"rounds": per_round, "batch": batch, "local_steps": local_steps,
+            "forward_output_dtype": seen.get("output_dtype"),
             "shard_dtypes": shard_dtypes, "slices_loaded_exactly": loads_exact, "finite": finite,
             "worker_loss_first_round": first, "worker_loss_last_round": last,
             "step_s_fsdp_worker": step_s.get(0), "step_s_plain_worker": step_s.get(1),

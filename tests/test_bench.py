@@ -85,7 +85,7 @@ def test_step_times(smoke):
 
 def test_combined_table_and_provenance(smoke):
     benchmarks = {row["benchmark"] for row in smoke["table"]}
-    assert benchmarks == {"communication", "step time", "memory", "sync time", "ticket speed"}
+    assert benchmarks == {"communication", "step time", "memory", "fsdp memory", "sync time", "ticket speed"}
     exactness = [r for r in smoke["table"] if r["measure"].startswith("max |measured / analytic")]
     assert exactness and all(r["status"] == "met" for r in exactness)
     assert smoke["machine"]["cpus"] >= 1 and smoke["machine"]["versions"]["torch"]
@@ -93,6 +93,22 @@ def test_combined_table_and_provenance(smoke):
     assert "bench.py --smoke" in smoke["command"]
     for row in smoke["table"]:
         assert row["shown"] in smoke["text"]
+
+
+def test_fsdp_memory_rows(smoke):
+    """Smoke: resnet18 S=2 x D=2 on 4 gloo processes, FSDP vs DDP replicas, exact accounting."""
+    result = smoke["benchmarks"]["fsdp_memory"]["result"]
+    assert len(result["table"]) == 4
+    for rank in result["ranks"].values():
+        ddp, fsdp = rank["ddp"], rank["fsdp"]
+        for kind in ("params", "grads", "optimizer_state"):  # 1/D of the DDP replica's, exactly
+            assert abs(fsdp[kind] / ddp[kind] - 0.5) <= 0.01, kind
+        # during the round the plain copy keeps only its buffers (its parameters are released)
+        assert fsdp["plain_copy"] == fsdp["buffers"] and ddp["plain_copy"] == 0 and fsdp["fsdp_unsharded"] > 0
+        assert fsdp["activations"] == ddp["activations"] > 0 and fsdp["full_model"] == ddp["full_model"]
+    assert abs(result["sync_ratio_max"] - 0.5) <= 0.01  # the filter axis moves shards
+    rows = {r["measure"]: r for r in smoke["table"] if r["benchmark"] == "fsdp memory"}
+    assert rows["LoFT sync bytes per rank fsdp / ddp"]["status"] == "met"
 
 
 def test_ticket_speed_rows(smoke):

@@ -37,6 +37,7 @@ class Worker:
         self.optimizer: torch.optim.Optimizer | None = None
         self.param_names = {p: n for n, p in self.model.named_parameters()}
         self.ds_engine = None          # a DeepSpeedEngine over self.model (loft_ext.parallel.ds)
+        self.before_load: Callable[[], None] | None = None  # e.g. give the plain copy storage again (FSDP)
         self.after_load: Callable[[], None] | None = None  # e.g. push values into DeepSpeed's master copy
         self.before_sync: Callable[[], None] | None = None  # e.g. gather FSDP shards into ``model``
         self.sharded = None            # a ShardedReplica (loft_ext.parallel.sharded) under replicas="fsdp"
@@ -116,6 +117,9 @@ class LoFTEngine:
     def begin_round(self, round_index: int, lr: float | None = None) -> Partition:
         """Draw the round's partition and load every local worker's slices, optimizer state and lr."""
         self.partition = self.draw(round_index)
+        for w in self.workers:
+            if w.before_load is not None:
+                w.before_load()
         self.strategy.load(self.partition)
         for w in self.workers:
             if w.after_load is not None:

@@ -74,9 +74,9 @@ def fsdp_report(engine, rounds: int, steps: int) -> dict:
     w = engine.workers[0]
     elem = next(w.model.parameters()).element_size()
     gather_elem = 2 if w.sharded.mixed_precision == "bf16" else elem  # the bf16 policy all-gathers bf16
-    fp32_groups = [m for m in w.model.modules() if keeps_fp32(m)] if w.sharded.mixed_precision != "no" else []
-    per = analytic.fsdp_step_bytes(w.model, shard_units(w.model), engine.grid.replicas, gather_elem, elem,
-                                   fp32_groups)
+    sub = w.sharded.module  # its DTensors have the sub-network's global shapes (the plain copy is released)
+    fp32_groups = [m for m in sub.modules() if keeps_fp32(m)] if w.sharded.mixed_precision != "no" else []
+    per = analytic.fsdp_step_bytes(sub, shard_units(sub), engine.grid.replicas, gather_elem, elem, fp32_groups)
     if isinstance(engine.strategy, ShardedAllGatherSync):  # the sync moves shards: no full_tensor() gather
         per["round_bytes_sent"] = 0.0
     return {"note": "analytic only: FSDP's all-gathers and reduce-scatters do not go through loft_ext's Comm",

@@ -89,9 +89,10 @@ class LoFTState:
             self.begin_round(self._lr)
         with torch.no_grad():
             for w, saved in zip(engine.workers, mine["workers"]):
-                w.model.load_state_dict({k: v.to(device) for k, v in saved["model"].items()})
-                if w.sharded is not None:  # the training copy's shards from the loaded sub-network
-                    w.sharded.load()
+                # under fsdp a state is saved at a round boundary only, where the shards hold what the full
+                # model's slices hold (loaded by begin_round) and the plain copy's parameters are released
+                if w.sharded is None:
+                    w.model.load_state_dict({k: v.to(device) for k, v in saved["model"].items()})
                 if w.optimizer is not None and saved["optimizer"] is not None:
                     w.optimizer.load_state_dict(saved["optimizer"])
         self.state.local_step = mine["local_step"]

@@ -67,7 +67,8 @@ def wrap_replicas(worker, grid, comm, replicas: str = "ddp", mixed_precision: st
     mesh = build_mesh(grid, "fsdp")
     worker.sharded = ShardedReplica(worker.model, mesh["shard"], mixed_precision)
     worker.module = worker.sharded.module
-    worker.after_load, worker.before_sync = worker.sharded.load, worker.sharded.gather
+    worker.before_load, worker.after_load = worker.sharded.materialize, worker.sharded.load
+    worker.before_sync = worker.sharded.gather
     return mesh
 
 

@@ -105,15 +105,13 @@ class ShardedAllGatherSync(AllGatherSync):
             for i, name in enumerate(split):
                 whole = join_shards([per_shard[e][i] for e in range(D)], shapes[t][i])
                 write_slice(full[name], whole, slice_indices(self.plan, part, name, self.full_shapes[name], t))
-                if t == me:
+                if t == me and not isinstance(sub[name], nn.Parameter):  # the plain parameters are released
                     sub[name].copy_(whole)
         start = S * longest
         per_shard = [_unpack(everything[e * block + start:e * block + start + shared_sizes[e]], shared_pieces[e])
                      for e in range(D)]
         for i, name in enumerate(shared):
-            whole = join_shards([per_shard[e][i] for e in range(D)], self.full_shapes[name])
-            full[name].copy_(whole)
-            sub[name].copy_(whole)
+            full[name].copy_(join_shards([per_shard[e][i] for e in range(D)], self.full_shapes[name]))
         for (name, _), mean in self.average_shared(params=False):
             full[name].copy_(mean)
             sub[name].copy_(mean)

@@ -82,6 +82,7 @@ class ShardedReplica:
         self._plain_params = dict(model.named_parameters())
         self._plain_buffers = dict(model.named_buffers())
         self._sharded_params = dict(self.module.named_parameters())
+        self._layouts: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}  # released plain parameters
 
     @torch.no_grad()
     def load(self) -> None:
@@ -97,6 +98,23 @@ class ShardedReplica:
             local.copy_(chunk)
         for name, b in self.module.named_buffers():
             b.copy_(self._plain_buffers[name])
+        self.release()
+
+    def release(self) -> None:
+        """Free the plain copy's parameter storage once the shards hold the round's values: during the round
+        only the shards are trained and read (the sync reads them too), so a rank holds 1/D of the
+        sub-network's parameters; :meth:`materialize` gives the storage back before the next load."""
+        for name, p in self._plain_params.items():
+            if name not in self._layouts:
+                self._layouts[name] = (tuple(p.shape), p.stride())
+                p.data = p.data.new_empty(0)
+
+    def materialize(self) -> None:
+        """Storage (in the released layout, contents undefined) for every released plain parameter."""
+        for name, (shape, stride) in self._layouts.items():
+            p = self._plain_params[name]
+            p.data = torch.empty_strided(shape, stride, dtype=p.dtype, device=p.device)
+        self._layouts.clear()
 
     def _chunk(self, full: torch.Tensor, p) -> torch.Tensor:
         if not isinstance(p, DTensor):
@@ -118,6 +136,8 @@ class ShardedReplica:
     def gather(self, params: bool = True) -> None:
         """The full parameters (all-gathered over the shard mesh; skipped without ``params``) and the
         buffers into the plain sub-network."""
+        if params:
+            self.materialize()
         for name, p in self.module.named_parameters() if params else ():
             full = p.full_tensor() if isinstance(p, DTensor) else p
             self._plain_params[name].copy_(full)
@@ -144,4 +164,5 @@ def training_state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer) ->
             "optimizer_state": local_bytes(state)}
 
 
-__all__ = ["ShardedReplica", "shard_units", "keeps_fp32", "mixed_precision_policy", "local_bytes", "training_state_bytes"]
+__all__ = ["ShardedReplica", "shard_units", "keeps_fp32", "mixed_precision_policy", "local_bytes",
+           "training_state_bytes"]
