@@ -70,7 +70,7 @@ class ShardedAllGatherSync(AllGatherSync):
     def sync(self, part, next_part) -> None:
         self.w.sharded.gather(params=False)  # the trained BN statistics into the plain sub-network
         self.average_split_buffers_over_replicas()
-        S, D, d, me = self.plan.workers, self.grid.replicas, self.grid.data_index, self.w.index
+        S, D, me = self.plan.workers, self.grid.replicas, self.w.index
         sub, full = self.w.slicer.sub_tensors, self.w.slicer.full_tensors
         split = [n for n, _ in self.items(split=True, state=False)]
         shapes = [[self.plan.narrow_shape(n, self.full_shapes[n], self.units[t]) for n in split] for t in range(S)]
