@@ -54,11 +54,11 @@ def batch(worker: int, replica: int, round_index: int, step: int):
 
 
 def train(base, plan, grid, replicas: str, start: int = 0, stop: int = ROUNDS, record_bytes: bool = False,
-          mixed_precision: str = "no"):
+          mixed_precision: str = "no", strategy: str = "allgather"):
     model = create_model(MODEL, 10)
     model.load_state_dict(base.state_dict())
     engine = LoFTEngine(model, plan, seed=0, grid=grid, replicas=replicas, start_round=start,
-                        mixed_precision=mixed_precision,
+                        mixed_precision=mixed_precision, strategy=strategy,
                         make_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=5e-4))
     w = engine.workers[0]
     state_bytes = None
@@ -71,8 +71,9 @@ def train(base, plan, grid, replicas: str, start: int = 0, stop: int = ROUNDS, r
         engine.sync()
     full = {k: v.detach().clone() for k, v in engine.assembled().state_dict().items()}
     elem = next(model.parameters()).element_size()
-    expected = analytic.rank_bytes(model, plan, grid.layout, grid.rank, "allgather", stop - start,
-                                   (stop - start) * STEPS, elem, sharded=replicas == "fsdp")
+    expected = analytic.rank_bytes(model, plan, grid.layout, grid.rank, strategy, stop - start,
+                                   (stop - start) * STEPS, elem, sharded=replicas == "fsdp",
+                                   draw=lambda k: engine.draw(start + k))
     measured = {phase: c.sent for phase, c in engine.comm.counters.items()}
     return full, {"state_bytes": state_bytes, "measured_phases": measured, "strategy": type(engine.strategy).__name__,
                   "analytic_phases": {k: v["bytes_sent"] for k, v in expected.items() if k != "dp_grad"}}
@@ -103,6 +104,10 @@ def main(out_dir: str) -> None:
     # the bf16 policy (--mixed_precision bf16): BatchNorms keep fp32 parameters (torch's batch_norm needs them
     # in the dtype of the running statistics), the rest computes in bf16
     bf16, _ = train(base, plan, grid, "fsdp", stop=1, mixed_precision="bf16")
+    # --sync alltoall: replica d sends chunk d of each peer's part; the same models as DDP replicas
+    a2a = {mode: train(base, plan, grid, mode, stop=2, strategy="alltoall") for mode in ("ddp", "fsdp")}
+    result["alltoall"] = {mode: info for mode, (_, info) in a2a.items()}
+    result["alltoall_bit_identical"] = all(torch.equal(a2a["ddp"][0][k], a2a["fsdp"][0][k]) for k in a2a["ddp"][0])
     result["bf16_finite"] = all(bool(torch.isfinite(bf16[k]).all()) for k in floats)
     result["bf16_moved"] = max((bf16[k] - base.state_dict()[k]).abs().max().item() for k in floats)
 

@@ -60,6 +60,14 @@ def test_fsdp_replicas_equal_ddp_replicas_with_half_the_state_and_sync_bytes(ran
         assert "shard_gather" not in result["ddp"]["measured_phases"]
         # a round-boundary resume from the assembled model alone (what the checkpoint holds) is bit for bit
         assert result["resume_bit_identical"]
+        # --sync alltoall: bit for bit as well, the filter axis moves 1/D (within 2%), every phase = analytic
+        assert result["alltoall_bit_identical"]
+        a2a = result["alltoall"]
+        assert a2a["fsdp"]["strategy"] == "ShardedAllToAllSync"
+        for run in ("ddp", "fsdp"):
+            for phase, sent in a2a[run]["analytic_phases"].items():
+                assert a2a[run]["measured_phases"].get(phase, 0.0) == pytest.approx(sent, rel=1e-9), (run, phase)
+        assert abs(a2a["fsdp"]["measured_phases"]["sync"] / a2a["ddp"]["measured_phases"]["sync"] - 0.5) <= 0.01
         # the bf16 policy trains (it failed inside batch_norm before BatchNorms kept fp32 parameters)
         assert result["bf16_finite"] and result["bf16_moved"] > 0.01
 

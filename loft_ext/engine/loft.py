@@ -16,7 +16,7 @@ from ..errors import ConfigError
 from ..parallel.comm import Comm
 from ..parallel.grid import FilterGrid
 from ..parallel.replicas import check_replicas, wrap_replicas
-from ..parallel.shard_sync import ShardedAllGatherSync
+from ..parallel.shard_sync import ShardedAllGatherSync, ShardedAllToAllSync
 from ..parallel.sync import OPTIMIZER_STATE_MODES, STRATEGIES, AllGatherSync, AllToAllSync, LocalSync
 from ..partition.plan import PartitionPlan
 from ..partition.subnet import Partition, Slicer, build_subnet, draw_partition
@@ -84,7 +84,7 @@ class LoFTEngine:
             if strategy == "allgather":
                 self.strategy = (ShardedAllGatherSync if shards else AllGatherSync)(*args)
             else:
-                self.strategy = AllToAllSync(*args, start_round)
+                self.strategy = (ShardedAllToAllSync if shards else AllToAllSync)(*args, start_round)
             if replicas_ddp:  # False under DeepSpeed: its engine owns the replicas' gradients
                 self.mesh = wrap_replicas(self.workers[0], grid, self.comm, replicas, mixed_precision)
             if isinstance(self.strategy, ShardedAllGatherSync):

@@ -26,7 +26,7 @@ from ..errors import ConfigError, Preempted, TrainingFailure
 from ..hparams import hparams_hash
 from ..models import create_model
 from ..parallel import analytic, ds
-from ..parallel.shard_sync import ShardedAllGatherSync
+from ..parallel.shard_sync import ShardedAllGatherSync, ShardedAllToAllSync
 from ..parallel.ds import DeepSpeedConfigError, LoftMPU
 from ..parallel.grid import GridError, build_grid, check_world, plan_layout
 from ..parallel.replicas import check_replicas
@@ -92,7 +92,8 @@ def communication_report(engine, model, rounds: int, steps: int, elem: int) -> d
     strategy = "allgather" if isinstance(engine.strategy, AllGatherSync) else "alltoall"
     layout = grid.layout or plan_layout([0] * grid.world_size, grid.workers)
     counted = analytic.rank_bytes(model, plan, layout, grid.rank, strategy, rounds, steps, elem, copies,
-                                  draw=engine.draw, sharded=isinstance(engine.strategy, ShardedAllGatherSync))
+                                  draw=engine.draw,
+                                  sharded=isinstance(engine.strategy, (ShardedAllGatherSync, ShardedAllToAllSync)))
     fsdp = {}
     if engine.workers[0].sharded is not None:
         counted.pop("dp_grad", None)

@@ -84,9 +84,9 @@ def alltoall_round_bytes(model, plan, part: Partition, next_part: Partition, wor
 
 
 def alltoall_peer_bytes(model, plan, part: Partition, next_part: Partition, worker: int, elem: int,
-                        state_copies: int = 0) -> tuple[list[float], list[float]]:
-    """Split-tensor bytes ``worker`` sends to / receives from each worker t (0 for itself) in the
-    all_to_all that ends round ``part``."""
+                        state_copies: int = 0, include_self: bool = False) -> tuple[list[float], list[float]]:
+    """Split-tensor bytes ``worker`` sends to / receives from each worker t (0 for itself unless
+    ``include_self``: the rows it keeps) in the all_to_all that ends round ``part``."""
     sent, received = [0.0] * plan.workers, [0.0] * plan.workers
     for name, n, copies in _float_tensors(model, state_copies):
         entries = plan.tensor_dims.get(name)
@@ -97,7 +97,7 @@ def alltoall_peer_bytes(model, plan, part: Partition, next_part: Partition, work
         per_unit = n // g.units  # whole rows of the first split dim
         now, nxt = part.units[gi], next_part.units[gi]
         for t in range(plan.workers):
-            if t == worker:
+            if t == worker and not include_self:
                 continue
             sent[t] += int(torch.isin(now[worker], nxt[t]).sum()) * per_unit * copies * elem
             received[t] += int(torch.isin(now[t], nxt[worker]).sum()) * per_unit * copies * elem
@@ -195,15 +195,37 @@ def rank_bytes(model, plan, layout, rank: int, strategy: str, rounds: int, steps
     "dp_grad": ...}``, each with bytes_sent/received and inter_node_bytes_sent/received.
 
     ``alltoall`` needs ``draw(r)`` (the partition of round r) for the exact count, or ``expected`` for
-    the expectation over random partitions (even splits). ``sharded``: FSDP-sharded replicas under
-    ``allgather`` (:func:`sharded_allgather_round_bytes`; adds ``"shard_gather"``)."""
+    the expectation over random partitions (even splits). ``sharded``: FSDP-sharded replicas (adds
+    ``"shard_gather"``): under ``allgather`` :func:`sharded_allgather_round_bytes`; under ``alltoall``
+    replica d sends chunk d (ceil(n / D) entries) of each peer's part, the D chunks are all-gathered over
+    the data group, and the shared parameters go the same way (a flat chunk of ceil(|shared| / D))."""
     worker, replica = layout.coords[rank]
     world, nodes = len(layout.coords), layout.nodes
     everyone, filter_ranks, data_ranks = list(range(world)), layout.filter_ranks(replica), layout.data_ranks(worker)
     sync, grad, shard = _Tally(), _Tally(), _Tally()
     shared_filter, shared = shared_split_bytes(model, plan, world, layout.replicas, elem, state_copies)
-    sharded = sharded and strategy == "allgather" and layout.replicas > 1
-    if sharded:
+    sharded = sharded and layout.replicas > 1
+    if sharded and strategy == "alltoall":
+        if expected:
+            raise ValueError("the sharded alltoall count is exact only: pass draw, not expected")
+        D = layout.replicas
+        for k in range(rounds):  # chunk d of every peer's part, then the D chunks gathered over the data group
+            sent, received = alltoall_peer_bytes(model, plan, draw(k), draw(k + 1), worker, elem, state_copies,
+                                                 include_self=True)
+            for t, r in enumerate(filter_ranks):
+                far = nodes[r] != nodes[rank]
+                out, into = -(-int(sent[t] // elem) // D) * elem, -(-int(received[t] // elem) // D) * elem
+                shard.ring((D - 1) * into, data_ranks, rank, nodes)
+                if t != worker:
+                    sync.sent += out
+                    sync.received += into
+                    sync.inter_sent += out if far else 0.0
+                    sync.inter_received += into if far else 0.0
+        params = sum(p.numel() for n, p in model.named_parameters() if n not in plan.tensor_dims)
+        chunk = -(-params // D) * elem
+        shared_filter = 2 * (plan.workers - 1) / plan.workers * chunk if plan.workers > 1 else 0.0
+        shard.ring((D - 1) * chunk * rounds, data_ranks, rank, nodes)
+    elif sharded:
         parts = sharded_allgather_round_bytes(model, plan, world, layout.replicas, elem)
         sync.ring(parts["filter_gather"] * rounds, filter_ranks, rank, nodes)
         shared_filter, shared = parts["shared_params"], parts["shared_buffers"]

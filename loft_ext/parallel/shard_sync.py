@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from ..partition.subnet import slice_indices, write_slice
-from .sync import AllGatherSync, _pack, _unpack
+from .sync import AllGatherSync, AllToAllSync, _pack, _unpack
 
 
 def shard_shape(shape: tuple[int, ...], replicas: int, d: int) -> tuple[int, ...]:
@@ -120,4 +120,57 @@ class ShardedAllGatherSync(AllGatherSync):
                 full[name].copy_(sub[name])
 
 
-__all__ = ["ShardedAllGatherSync", "shard_shape", "shard_of", "join_shards"]
+class ShardedAllToAllSync(AllToAllSync):
+    """``alltoall`` with FSDP replicas: the D replicas of a worker hold the same slabs and would each send
+    the same rows; replica d sends only the d-th chunk of each peer's part of the exchange (to the replica
+    d of that peer), and one all-gather over the worker's D ranks (``shard_gather``) rebuilds every part.
+    Shared parameters are averaged the same way (chunk d over the filter group, then gathered). The slabs
+    are still written from the whole trained sub-network (gathered from the shards with ``full_tensor()``
+    before the sync, inside the worker's D ranks); only the filter axis moves 1/D."""
+
+    def exchange(self, flat_out, flat_in, out_counts, in_counts) -> None:
+        D, d = self.grid.replicas, self.grid.data_index
+        send_chunks = [-(-n // D) for n in in_counts]
+        recv_chunks = [-(-n // D) for n in out_counts]
+        send = self.buffers.get("shard_send", sum(send_chunks), flat_in)
+        send.zero_()
+        start = pos = 0
+        for n, c in zip(in_counts, send_chunks):
+            piece = flat_in[start + min(d * c, n):start + min((d + 1) * c, n)]
+            send[pos:pos + piece.numel()].copy_(piece)
+            start, pos = start + n, pos + c
+        received = self.buffers.get("shard_received", sum(recv_chunks), flat_in)
+        self.comm.all_to_all(received, send, recv_chunks, send_chunks, group=self.grid.filter_group)
+        everything = self.buffers.get("shard_all", D * received.numel(), flat_in)
+        with self.comm.phase("shard_gather"):
+            self.comm.all_gather(everything, received, group=self.grid.data_group)
+        start = pos = 0
+        for n, c in zip(out_counts, recv_chunks):
+            whole = torch.cat([everything[e * received.numel() + pos:e * received.numel() + pos + c] for e in range(D)])
+            flat_out[start:start + n].copy_(whole[:n])
+            start, pos = start + n, pos + c
+
+    def average_shared(self, params: bool = True):
+        out = super().average_shared(params=False)
+        if not params:
+            return out
+        items = [it for it in self.items(split=False)
+                 if isinstance(self.w.slicer.sub_tensors[it[0]], nn.Parameter)]
+        if not items:
+            return out
+        tensors = [self.sub_item(*it) for it in items]
+        D, d, S = self.grid.replicas, self.grid.data_index, self.grid.workers
+        total = sum(t.numel() for t in tensors)
+        c = -(-total // D)
+        flat = _pack(tensors, c * D, out=self.buffers.get("shared_params", c * D, tensors[0]))
+        mine = flat[d * c:(d + 1) * c]
+        self.comm.all_reduce(mine, group=self.grid.filter_group)
+        if S > 1:
+            mine.div_(S)
+        everything = self.buffers.get("shared_params_all", c * D, tensors[0])
+        with self.comm.phase("shard_gather"):
+            self.comm.all_gather(everything, mine.clone(), group=self.grid.data_group)
+        return out + list(zip(items, _unpack(everything[:total], [tuple(t.shape) for t in tensors])))
+
+
+__all__ = ["ShardedAllGatherSync", "ShardedAllToAllSync", "shard_shape", "shard_of", "join_shards"]

@@ -389,7 +389,7 @@ class AllToAllSync(_Strategy):
         flat_in = _pack([x for t in range(S) for x in send[t]],
                         out=self.buffers.get("send", sum(in_counts), self.sub_item(*items[0])))
         flat_out = self.buffers.get("received", sum(out_counts), flat_in)
-        self.comm.all_to_all(flat_out, flat_in, out_counts, in_counts, group=self.grid.filter_group)
+        self.exchange(flat_out, flat_in, out_counts, in_counts)
         # received pieces arrive grouped by source rank, in item order within each source
         by_source = {t: [] for t in range(S)}
         for entry in recv_layout:
@@ -412,6 +412,11 @@ class AllToAllSync(_Strategy):
             if key:
                 self.opt_state.setdefault(name, {})[key] = mean.clone()
         self.keep_scalar_state()
+
+    def exchange(self, flat_out: torch.Tensor, flat_in: torch.Tensor, out_counts: list[int],
+                 in_counts: list[int]) -> None:
+        """The round's all_to_all over the filter group (entries to / from each worker, in worker order)."""
+        self.comm.all_to_all(flat_out, flat_in, out_counts, in_counts, group=self.grid.filter_group)
 
     @torch.no_grad()
     def assemble(self) -> nn.Module:
