@@ -59,7 +59,7 @@ def _cfg(tmp_path, **kw):
     ({"fp16": {"enabled": True}}, "fp16.enabled with zero_optimization.stage 0"),
     ({"gradient_accumulation_steps": 2, "train_batch_size": 128}, "gradient_accumulation_steps=2"),
     ({"optimizer": {"type": "Adam"}}, "remove the 'optimizer' section"),
-    ({"zero_optimization": {"stage": 3}}, "stage 3"),
+    ({"zero_optimization": {"stage": 4}}, "stage 4"),
 ])
 def test_ds_config_refusals(tmp_path, change, message):
     with pytest.raises(DeepSpeedConfigError, match=re.escape(message)):
@@ -103,8 +103,9 @@ def plain(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["zero0_fp32_cpu.json", "zero1_fp32_cpu.json"])
+@pytest.mark.parametrize("config", ["zero1_fp32_cpu.json", "zero3_fp32_cpu.json"])
 def test_deepspeed_loft_equals_plain_torch_loft(tmp_path, plain, config):
+    # (ZeRO-0, the path without a master copy, runs in-process in tests/test_gpu_check.py's ds_zero0 section)
     # ZeRO-1 also runs the whole pipeline: one ticket, fine-tuned (under DDP) in the deepspeed launch
     ticket = ["--ratios", "0.5", "--finetune_epochs", "1"] if config.startswith("zero1") else []
     proc, run_dir = _launch(launcher("deepspeed", 2), tmp_path,
@@ -114,7 +115,7 @@ def test_deepspeed_loft_equals_plain_torch_loft(tmp_path, plain, config):
         assert [x["assembled"] for x in _lines(run_dir, rank, "assembled")] == plain  # bit for bit
         checks = _lines(run_dir, rank, "master_matches")
         assert len(checks) == 3 and all(c["master_matches"] for c in checks)
-        assert all(c["master_copy"] == config.startswith("zero1") for c in checks)
+        assert all(c["master_copy"] for c in checks)  # ZeRO 1-3 keep an fp32 master copy
     if ticket:
         (row,) = json.loads((run_dir / "summary.json").read_text())["ticket_rows"]
         assert row["ratio"] == 0.5 and row["kept_params"] < row["params"] and 0 < row["test_acc"] <= 1
@@ -122,15 +123,22 @@ def test_deepspeed_loft_equals_plain_torch_loft(tmp_path, plain, config):
 
 
 @pytest.mark.slow
-def test_deepspeed_zero2_four_processes_two_workers_two_replicas_equal_ddp_replicas(tmp_path):
-    """ZeRO-2 (gradients and optimizer state partitioned over a worker's D = 2 replicas) assembles the models
-    that plain torch DDP replicas assemble, bit for bit (D = 2: a sum of two gradients, halved exactly)."""
+def test_deepspeed_zero2_and_zero3_four_processes_two_workers_two_replicas_equal_ddp_replicas(tmp_path):
+    """ZeRO-2 (gradients and optimizer state partitioned over a worker's D = 2 replicas) and ZeRO-3 (the
+    parameters too: the engine wraps a copy of the sub-network, ds.ZeroThreeReplica) assemble the models that
+    plain torch DDP replicas assemble, bit for bit (D = 2: a sum of two gradients, halved exactly)."""
+    _, ddp_dir = _launch(launcher("torchrun", 4), tmp_path / "ddp", ["--workers", "2", "--batch_size", "64"])
+    ddp = [x["assembled"] for x in _lines(ddp_dir, 0, "assembled")]
+    assert len(ddp) == 3
+    proc, zero3_dir = _launch(launcher("deepspeed", 4), tmp_path / "zero3",
+                              ["--deepspeed", "--deepspeed_config",
+                               os.path.join(ROOT, "ds_configs", "zero3_fp32_cpu_s2d2.json"), "--workers", "2"])
+    assert "4 processes = S=2 x D=2" in proc.stdout
+    assert all([x["assembled"] for x in _lines(zero3_dir, r, "assembled")] == ddp for r in range(4))
     proc, run_dir = _launch(launcher("deepspeed", 4), tmp_path / "zero2",
                             ["--deepspeed", "--deepspeed_config",
                              os.path.join(ROOT, "ds_configs", "zero2_fp32_cpu_s2d2.json"), "--workers", "2"])
     assert "4 processes = S=2 x D=2" in proc.stdout
-    _, ddp_dir = _launch(launcher("torchrun", 4), tmp_path / "ddp", ["--workers", "2", "--batch_size", "64"])
-    ddp = [x["assembled"] for x in _lines(ddp_dir, 0, "assembled")]
 
     def steps(rank):
         return [x["subnet"] for x in _lines(run_dir, rank, "subnet")]
@@ -138,7 +146,7 @@ def test_deepspeed_zero2_four_processes_two_workers_two_replicas_equal_ddp_repli
     assert steps(0) == steps(2) and steps(1) == steps(3) and len(steps(0)) == 6
     assert all(a != b for a, b in zip(steps(0), steps(1)))
     assembled = [[x["assembled"] for x in _lines(run_dir, r, "assembled")] for r in range(4)]
-    assert len(ddp) == 3 and all(a == ddp for a in assembled)
+    assert all(a == ddp for a in assembled)
 
 
 @pytest.mark.slow

@@ -158,6 +158,9 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
         if optimizer_state == "carry" and ds_cfg.get("zero_optimization", {}).get("stage", 0) > 0:
             raise ConfigError("--optimizer_state carry needs zero_optimization.stage 0 under DeepSpeed (ZeRO "
                               "keeps optimizer state in flat partitions); use reset or a stage-0 config")
+        if ds.zero_stage(ds_cfg) == 3 and ds_hp.ds_clip == "separate" and float(ds_cfg["gradient_clipping"]) > 0:
+            raise ConfigError("--ds_clip separate clips each worker's gradients between backward and step, which "
+                              "ZeRO-3 keeps partitioned; use --ds_clip joint (DeepSpeed clips) or gradient_clipping 0")
         data_hp = dataclasses.replace(data_hp, batch_size=ds_cfg["train_micro_batch_size_per_gpu"])
     data = data or load_dataset(data_hp.dataset, data_hp.data_dir, data_hp.image_size or None, data_hp.augment,
                                 data_hp.bad_images)
@@ -229,7 +232,15 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
     loft.attach(*optimizers, begin=False)
     clip_norm = 0.0
     for w in engine.workers:
-        if ds_cfg is not None:  # DeepSpeed all-reduces gradients over the mpu's data group
+        if ds_cfg is not None and ds.zero_stage(ds_cfg) == 3:  # ZeRO-3 partitions a copy (ds.ZeroThreeReplica)
+            zero3 = ds.ZeroThreeReplica(w.model)
+            w.optimizer = torch.optim.SGD(zero3.module.parameters(), lr=train_hp.lr, momentum=train_hp.momentum,
+                                          weight_decay=train_hp.weight_decay)
+            w.ds_engine, _, clip_norm = ds.initialize(zero3.module, w.optimizer, ds_cfg, LoftMPU(grid),
+                                                      ds_hp.ds_clip)
+            zero3.engine = w.ds_engine
+            w.after_load, w.before_sync = zero3.push, zero3.pull
+        elif ds_cfg is not None:  # DeepSpeed all-reduces gradients over the mpu's data group
             w.ds_engine, _, clip_norm = ds.initialize(w.model, w.optimizer, ds_cfg, LoftMPU(grid), ds_hp.ds_clip)
             w.after_load = (lambda e=w.ds_engine: ds.push_values(e))
     step_fn = functools.partial(local_step, autocast=accelerator.autocast, memory_format=memory_format,

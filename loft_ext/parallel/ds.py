@@ -109,9 +109,8 @@ def load_ds_config(path: str, micro_batch: int, replicas: int | None) -> dict:
         raise DeepSpeedConfigError(f"{path}: fp16.enabled with zero_optimization.stage 0 cannot take LoFT's "
                                    "per-round weights (DeepSpeed's fp32 master copy ignores safe_set_* there); "
                                    "use zero_optimization.stage 1, or torch_autocast with bf16")
-    if stage > 2:
-        raise DeepSpeedConfigError(f"{path}: zero_optimization.stage {stage}: LoFT supports stages 0-2 (stage 3 "
-                                   "shards the parameters a round writes)")
+    if stage > 3:
+        raise DeepSpeedConfigError(f"{path}: zero_optimization.stage {stage}: DeepSpeed's stages are 0-3")
     if "optimizer" in cfg:
         raise DeepSpeedConfigError(f"{path}: remove the 'optimizer' section: loft_ext passes its own SGD so "
                                    "that optimizer state per round (reset/carry) works the same everywhere")
@@ -142,6 +141,61 @@ def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: dict, mp
         cfg = {**cfg, "gradient_clipping": 0.0}
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg, mpu=mpu)
     return engine, ds_optimizer, (max_norm if clip == "separate" else 0.0)
+
+
+def zero_stage(cfg: dict) -> int:
+    return int(cfg.get("zero_optimization", {}).get("stage", 0))
+
+
+class ZeroThreeReplica:
+    """ZeRO-3 partitions the parameters of the module it wraps (each becomes a placeholder plus this rank's
+    partition, ``ds_tensor``), so the round cannot copy slices into it. The engine wraps a copy
+    (``module``) of the worker's plain sub-network instead, which the round keeps loading and writing back:
+    :meth:`push` (after each load) writes this rank's partition of every plain parameter into the module and
+    DeepSpeed's fp32 master partition (no communication: every replica holds the same plain values);
+    :meth:`pull` (before the sync) gathers the trained fp32 parameters (``safe_get_full_fp32_param``, an
+    all-gather over the worker's replicas) into the plain sub-network. Buffers are copied both ways."""
+
+    def __init__(self, plain: nn.Module):
+        import copy
+
+        self.plain = plain
+        self.module = copy.deepcopy(plain)
+        self.engine = None
+
+    def _pairs(self):
+        plain = dict(self.plain.named_parameters())
+        return [(p, plain[name]) for name, p in self.engine.module.named_parameters()]
+
+    def _buffers(self):
+        plain = dict(self.plain.named_buffers())
+        return [(b, plain[name]) for name, b in self.engine.module.named_buffers()]
+
+    @torch.no_grad()
+    def push(self) -> None:
+        import torch.distributed as dist
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        for p, value in self._pairs():
+            flat = value.detach().reshape(-1)
+            part = p.ds_tensor.data.view(-1)
+            start = dist.get_rank(group=p.ds_process_group) * part.numel()
+            piece = flat[start:start + part.numel()]
+            part[:piece.numel()].copy_(piece)
+            if p.data.numel() == flat.numel():  # a persistent (never released) parameter holds all of it
+                p.data.copy_(value)
+            safe_set_full_fp32_param(p, value.detach().float())
+        for b, value in self._buffers():
+            b.copy_(value)
+
+    @torch.no_grad()
+    def pull(self) -> None:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        for p, plain in self._pairs():
+            plain.copy_(safe_get_full_fp32_param(p).view_as(plain).to(plain.dtype))
+        for b, plain in self._buffers():
+            plain.copy_(b)
 
 
 @torch.no_grad()
