@@ -3,16 +3,22 @@
 A checkpoint (``<run_dir>/checkpoints/round_<k>/``, written through :class:`CheckpointStore`, so
 atomically and with a checksummed manifest) holds:
 
-- ``model.safetensors``: the assembled model after round k (every rank's part, gathered first under
-  ``alltoall``), written by rank 0;
+- the assembled model after round k: in one process ``model.safetensors``; with several processes
+  ``model/``, a sharded ``torch.distributed.checkpoint`` (DCP) in which every rank writes its own 1/W of
+  every tensor (the dim-0 chunk a DTensor ``Shard(0)`` over the W ranks holds: ``model/__<rank>_0.distcp``,
+  and DCP's ``model/.metadata``), so no rank gathers or writes the whole model (under ``alltoall`` the full
+  model is assembled first, as for evaluation). Loading reads it back whole on every rank (DCP reshards
+  the chunks into full tensors), whatever the number of processes that wrote it;
 - ``rank<r>.safetensors``: rank r's tensors: optimizer state the engine keeps across rounds
   (``--optimizer_state carry``; under ``alltoall`` the slabs of it this rank owns) and its RNG states
   (torch CPU/CUDA and the run's own generators);
 - ``rank<r>.json``: rank r's loop state (round, epoch, history, tickets, losses since the last epoch end,
   every plugin's state), data-stream positions, Python/NumPy RNG states and communication counters;
 - ``state.json``: what the checkpoint belongs to (model, S, D, method, hparams), checked on resume;
-- ``deepspeed/``: under ``--deepspeed``, each worker engine's ``save_checkpoint`` (loaded only after its
-  checksums match the manifest, since DeepSpeed's files are pickles).
+- ``deepspeed/``: under ``--deepspeed``, each worker engine's ``save_checkpoint``.
+
+DeepSpeed's files and DCP's ``.metadata`` are pickles: they are read only after their checksums match
+the manifest.
 """
 from __future__ import annotations
 
@@ -20,17 +26,24 @@ import json
 import os
 import random
 import re
+import warnings
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from ..checkpoint import CheckpointError, CheckpointStore, verify
+from ..checkpoint import CheckpointError, CheckpointStore, read_manifest, verify
 from ..parallel.comm import Counter
+from ..parallel.sharded import shard_of
 from ..plugins.base import Plugin
 
 CHECKPOINT_DIR = "checkpoints"
+MODEL_FILE = "model.safetensors"  # the assembled model of a one-process run
+MODEL_SHARDS = "model"            # ... of a multi-process run: a DCP checkpoint, one file per rank
 # what must match for a checkpoint to continue this run (the rest of the hparams are compared too)
 IDENTITY = ("model", "dataset", "method", "workers", "replicas", "world", "preset", "sync", "optimizer_state",
             "deepspeed")
@@ -74,6 +87,47 @@ def host_rng() -> dict:
                                                                float(cached)]}
 
 
+# ------------------------------------------------------------------------------------------ the model
+def save_model_shards(state: dict[str, torch.Tensor], folder: str) -> None:
+    """Write a model every rank holds as a DCP checkpoint in which rank r writes only its chunk r of W of
+    every tensor (a DTensor ``Shard(0)`` over the default group; 0-dim tensors are replicated, and DCP
+    writes them once). Collective over all ranks."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tensors = list(state.values())
+    mesh = DeviceMesh.from_group(dist.group.WORLD, tensors[0].device.type if tensors else "cpu")
+    shards = {}
+    for name, t in state.items():
+        t = t.detach()
+        if t.dim() == 0:
+            shards[name] = DTensor.from_local(t.clone(), mesh, [Replicate()], run_check=False)
+        else:  # contiguous chunks of a contiguous whole (a channels_last tensor is stored in the default layout)
+            shape = tuple(t.shape)
+            shards[name] = DTensor.from_local(shard_of(t, world, rank).contiguous(), mesh, [Shard(0)],
+                                              run_check=False, shape=shape,
+                                              stride=torch.empty(shape, device="meta").stride())
+    dcp.save(shards, storage_writer=dcp.FileSystemWriter(folder))
+
+
+def load_model_shards(folder: str, model: torch.nn.Module, where: str) -> None:
+    """Fill ``model`` in place from a :func:`save_model_shards` checkpoint, every tensor whole (DCP reads
+    and joins the chunks of any number of writers); needs no process group. The tensor names and shapes
+    are checked first, so a checkpoint of another model is refused by name."""
+    state = model.state_dict()
+    reader = dcp.FileSystemReader(folder)
+    saved = {k: tuple(v.size) for k, v in reader.read_metadata().state_dict_metadata.items() if hasattr(v, "size")}
+    missing, unexpected = sorted(set(state) - set(saved)), sorted(set(saved) - set(state))
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {where!r} holds another model: missing {missing[:5]}, unexpected "
+                              f"{unexpected[:5]}; resume with the --model of that run")
+    for name, t in state.items():
+        if tuple(t.shape) != saved[name]:
+            raise CheckpointError(f"checkpoint {where!r} has {name} of shape {saved[name]}, this model "
+                                  f"{tuple(t.shape)}; resume with the model and data set of that run")
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is, per rank
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=reader, no_dist=True)
+
+
 # ------------------------------------------------------------------------------------------ saving
 class Checkpointer(Plugin):
     """Saves a checkpoint every ``every`` rounds (0: never on a schedule) and when the run is preempted.
@@ -106,9 +160,11 @@ class Checkpointer(Plugin):
         staging = self.store.staging(name)
         model = engine.assembled()
         try:
-            if self.main:
+            if engine.grid is not None:
+                save_model_shards(model.state_dict(), os.path.join(staging, MODEL_SHARDS))
+            elif self.main:
                 save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
-                          os.path.join(staging, "model.safetensors"))
+                          os.path.join(staging, MODEL_FILE))
         finally:
             engine.release()
         save_file({**engine.strategy.state_dict(), **rng_tensors(self.generators)},
@@ -169,8 +225,17 @@ def check_identity(path: str, identity: dict) -> dict:
 
 def load_model(path: str, model: torch.nn.Module) -> int:
     """Load the checkpoint's assembled model (before the engine is built from it); returns its round."""
-    verify(path, only=["model.safetensors"])
-    model.load_state_dict(load_file(os.path.join(path, "model.safetensors")), strict=True)
+    files = read_manifest(path)["files"]
+    shards = [f for f in files if f.startswith(MODEL_SHARDS + "/")]
+    if MODEL_FILE in files:
+        verify(path, only=[MODEL_FILE])
+        model.load_state_dict(load_file(os.path.join(path, MODEL_FILE)), strict=True)
+    elif shards:
+        verify(path, only=shards)  # DCP's metadata is a pickle: checked before it is read
+        load_model_shards(os.path.join(path, MODEL_SHARDS), model, path)
+    else:
+        raise CheckpointError(f"checkpoint {path!r} holds no model ({MODEL_FILE} or {MODEL_SHARDS}/); it is not a "
+                              "loft_ext checkpoint")
     with open(os.path.join(path, "state.json")) as f:
         return json.load(f)["round"]
 

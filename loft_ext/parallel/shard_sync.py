@@ -31,24 +31,8 @@ import torch
 import torch.nn as nn
 
 from ..partition.subnet import slice_indices, write_slice
+from .sharded import shard_of, shard_shape
 from .sync import AllGatherSync, AllToAllSync, _pack, _unpack
-
-
-def shard_shape(shape: tuple[int, ...], replicas: int, d: int) -> tuple[int, ...]:
-    """Shape of shard ``d`` of a tensor of ``shape``: its d-th dim-0 chunk, as ``torch.chunk`` (and FSDP2)
-    cut it; empty when the chunks run out. A 0-dim tensor is shard 0's whole."""
-    if not shape:
-        return (1,) if d == 0 else (0,)
-    c = -(-shape[0] // replicas)
-    return (max(0, min(c, shape[0] - d * c)), *shape[1:])
-
-
-def shard_of(t: torch.Tensor, replicas: int, d: int) -> torch.Tensor:
-    if t.dim() == 0:
-        return t.reshape(1) if d == 0 else t.new_empty(0)
-    c = -(-t.shape[0] // replicas)
-    start = min(d * c, t.shape[0])
-    return t.narrow(0, start, shard_shape(tuple(t.shape), replicas, d)[0])
 
 
 def join_shards(pieces: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
@@ -173,4 +157,4 @@ class ShardedAllToAllSync(AllToAllSync):
         return out + list(zip(items, _unpack(everything[:total], [tuple(t.shape) for t in tensors])))
 
 
-__all__ = ["ShardedAllGatherSync", "ShardedAllToAllSync", "shard_shape", "shard_of", "join_shards"]
+__all__ = ["ShardedAllGatherSync", "ShardedAllToAllSync", "join_shards"]

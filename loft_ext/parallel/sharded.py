@@ -64,6 +64,24 @@ def mixed_precision_policy(mixed_precision: str) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy()
 
 
+def shard_shape(shape: tuple[int, ...], parts: int, index: int) -> tuple[int, ...]:
+    """Shape of shard ``index`` of ``parts`` of a tensor of ``shape``: its dim-0 chunk as ``torch.chunk``
+    (and FSDP2, and DTensor's ``Shard(0)``) cut it; empty when the chunks run out. A 0-dim tensor is shard
+    0's whole (as a 1-element tensor)."""
+    if not shape:
+        return (1,) if index == 0 else (0,)
+    c = -(-shape[0] // parts)
+    return (max(0, min(c, shape[0] - index * c)), *shape[1:])
+
+
+def shard_of(t: torch.Tensor, parts: int, index: int) -> torch.Tensor:
+    """Shard ``index`` of ``parts`` of ``t`` (a view; :func:`shard_shape`)."""
+    if t.dim() == 0:
+        return t.reshape(1) if index == 0 else t.new_empty(0)
+    c = -(-t.shape[0] // parts)
+    return t.narrow(0, min(index * c, t.shape[0]), shard_shape(tuple(t.shape), parts, index)[0])
+
+
 class ShardedReplica:
     """The sharded training copy of a worker's plain sub-network ``model`` over ``shard_mesh``."""
 
@@ -117,20 +135,12 @@ class ShardedReplica:
         self._layouts.clear()
 
     def _chunk(self, full: torch.Tensor, p) -> torch.Tensor:
-        if not isinstance(p, DTensor):
-            return full
-        size, index = self.mesh.size(), self.mesh.get_local_rank()
-        chunks = torch.chunk(full, size, dim=0)
-        return chunks[index] if index < len(chunks) else full[full.shape[0]:]
+        return shard_of(full, self.mesh.size(), self.mesh.get_local_rank()) if isinstance(p, DTensor) else full
 
     def local_shard(self, name: str) -> torch.Tensor:
         """This rank's shard of parameter ``name`` (the trained values)."""
         p = self._sharded_params[name]
-        if isinstance(p, DTensor):
-            return p.to_local()
-        size, index = self.mesh.size(), self.mesh.get_local_rank()  # not sharded: cut like FSDP would
-        chunks = torch.chunk(p, size, dim=0) if p.dim() else (p,)
-        return chunks[index] if index < len(chunks) else p[p.shape[0]:]
+        return p.to_local() if isinstance(p, DTensor) else shard_of(p, self.mesh.size(), self.mesh.get_local_rank())
 
     @torch.no_grad()
     def gather(self, params: bool = True) -> None:
@@ -164,5 +174,5 @@ def training_state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer) ->
             "optimizer_state": local_bytes(state)}
 
 
-__all__ = ["ShardedReplica", "shard_units", "keeps_fp32", "mixed_precision_policy", "local_bytes",
+__all__ = ["ShardedReplica", "shard_of", "shard_shape", "shard_units", "keeps_fp32", "mixed_precision_policy", "local_bytes",
            "training_state_bytes"]
