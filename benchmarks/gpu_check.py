@@ -15,12 +15,14 @@ Measures and checks, each section isolated so that a failure is recorded and the
 - ``fsdp_bf16``: LoFT rounds with worker 0 as the FSDP2-sharded copy of ``--replicas fsdp --mixed_precision
   bf16`` on a one-rank mesh over NCCL: bf16 forward, fp32 shards and gradients, the round's slices loaded into
   the shards exactly, finite, the loss falls; step time and peak memory of that worker vs a plain one.
-- ``ds_<config>``: for ds_configs/zero0_fp32_cpu.json, zero1_fp32_cpu.json and zero1_bf16_gpu.json, one
-  process (world size 1, NCCL), ``LoftMPU`` over ``build_grid(1)``, worker 0 of an S=2 plan wrapped by
-  ``ds.initialize`` inside a ``LoFTEngine`` (worker 1 plain torch), exactly as the runner wires it: at
-  every round start the module holds the round's slices of the assembled model and DeepSpeed's fp32
-  master copy (``safe_get_full_fp32_param``) equals them after ``ds.push_values``; the next step updates
-  from those values (compared with a plain-torch step from the same values).
+- ``ds_<config>``: for ds_configs/zero0_fp32_cpu.json, zero1_fp32_cpu.json, zero1_bf16_gpu.json,
+  zero3_fp32_cpu.json and zero3_bf16_gpu.json, one process (world size 1, NCCL), ``LoftMPU`` over
+  ``build_grid(1)``, worker 0 of an S=2 plan wrapped by ``ds.initialize`` inside a ``LoFTEngine`` (worker 1
+  plain torch), exactly as the runner wires it (ZeRO-3: the engine wraps the partitioned copy of
+  ``ds.ZeroThreeReplica``, pushed after each load and pulled before each sync): at every round start the
+  module holds the round's slices of the assembled model and DeepSpeed's fp32 master copy
+  (``safe_get_full_fp32_param``) equals them after the push; the next step updates from those values
+  (compared with a plain-torch step from the same values).
 - ``throughput_<model>``: resnet18 / resnet50, bf16 autocast and channels_last, dense vs the S=2 / S=4
   sub-networks (worker 0): images per second per worker for training steps (forward, backward, SGD step)
   and peak CUDA memory per row, with the ratios sub-network / dense.
@@ -65,12 +67,15 @@ ITEMS = {
     "ds_zero0_fp32_cpu": ("deepspeed", 90, 60),
     "ds_zero1_fp32_cpu": ("deepspeed", 60, 60),
     "ds_zero1_bf16_gpu": ("deepspeed", 60, 60),
+    "ds_zero3_fp32_cpu": ("deepspeed", 60, 60),
+    "ds_zero3_bf16_gpu": ("deepspeed", 60, 60),
     "throughput_resnet18": ("throughput", 75, 45),
     "throughput_resnet50": ("throughput", 100, 60),
 }
 GROUPS = ["checks", "deepspeed", "throughput"]
 DS_CONFIGS = {"ds_zero0_fp32_cpu": "zero0_fp32_cpu.json", "ds_zero1_fp32_cpu": "zero1_fp32_cpu.json",
-              "ds_zero1_bf16_gpu": "zero1_bf16_gpu.json"}
+              "ds_zero1_bf16_gpu": "zero1_bf16_gpu.json", "ds_zero3_fp32_cpu": "zero3_fp32_cpu.json",
+              "ds_zero3_bf16_gpu": "zero3_bf16_gpu.json"}
 CHILD_STARTUP_S = 45  # python + torch + timm + CUDA context, generous
 # what each group is expected to take on an H100 (s): time kept free for the later groups
 EXPECTED_S = {"checks": 40, "deepspeed": 45, "throughput": 90}
@@ -869,16 +874,25 @@ def sec_deepspeed(ctx: Ctx, config: str) -> dict:
 
     w0 = engine.workers[0]
     t0 = time.time()
-    w0.ds_engine, _, clip0 = ds.initialize(w0.model, w0.optimizer, cfg, ds.LoftMPU(grid), "joint")
+    zero3 = ds.ZeroThreeReplica(w0.model) if ds.zero_stage(cfg) == 3 else None
+    if zero3 is not None:  # as the runner: the engine partitions a copy; push after load, pull before sync
+        w0.optimizer = make_opt(zero3.module.parameters())
+        w0.ds_engine, _, clip0 = ds.initialize(zero3.module, w0.optimizer, cfg, ds.LoftMPU(grid), "joint")
+        zero3.engine = w0.ds_engine
+        w0.before_sync = zero3.pull
+    else:
+        w0.ds_engine, _, clip0 = ds.initialize(w0.model, w0.optimizer, cfg, ds.LoftMPU(grid), "joint")
     init_engine_s = round(time.time() - t0, 2)
     master_copy = ds.master_copy(w0.ds_engine)
     state = {}
 
     def master_matches():
-        """The runner's DebugHashes check: DeepSpeed's fp32 copy (if any) equals the module."""
+        """The runner's DebugHashes check: DeepSpeed's fp32 copy (if any) of the engine's parameters equals
+        the plain sub-network."""
         ok, has_master = True, False
-        for _, p in w0.model.named_parameters():
-            m = safe_get_full_fp32_param(p)
+        trained = dict(w0.ds_engine.module.named_parameters())
+        for name, p in w0.model.named_parameters():
+            m = safe_get_full_fp32_param(trained[name])
             if m is not None:
                 has_master = True
                 ok &= torch.equal(m.to(p.dtype).view_as(p), p.detach())
@@ -887,7 +901,10 @@ def sec_deepspeed(ctx: Ctx, config: str) -> dict:
     def after_load(e=w0.ds_engine):
         ok, _ = master_matches()
         state["stale_before_push"] = not ok  # control: without the push the master copy disagrees
-        ds.push_values(e)
+        if zero3 is not None:
+            zero3.push()
+        else:
+            ds.push_values(e)
 
     w0.after_load = after_load
     data = _synthetic(torch, ctx.device, rounds * local_steps * 2, batch, seed=3)
@@ -913,6 +930,8 @@ def sec_deepspeed(ctx: Ctx, config: str) -> dict:
             torch.nn.utils.clip_grad_norm_(ref.parameters(), clip)
         ref_opt.step()
         loss_ds = local_step(w0, x, y, autocast=autocast, clip_norm=clip0)
+        if zero3 is not None:  # the trained values into the plain sub-network (the sync does it too)
+            zero3.pull()
         num = den = 0.0
         max_abs = 0.0
         ref_params = dict(ref.named_parameters())

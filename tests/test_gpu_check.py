@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "DS_BUILD_OPS": "0"}
 SECTIONS = {"env", "identity", "s1_equals_sgd", "bf16_rounds", "fsdp_bf16", "ds_zero0_fp32_cpu", "ds_zero1_fp32_cpu",
-            "ds_zero1_bf16_gpu", "throughput_resnet18", "throughput_resnet50"}
+            "ds_zero1_bf16_gpu", "ds_zero3_fp32_cpu", "ds_zero3_bf16_gpu", "throughput_resnet18", "throughput_resnet50"}
 
 
 def _run(out, *flags):
@@ -31,7 +31,8 @@ def test_cpu_smoke_runs_every_section_and_records_the_skips(tmp_path):
     assert res["summary"]["failed"] == [] and res["summary"]["error"] == []
 
     # the correctness checks ran and passed
-    for name in ("identity", "s1_equals_sgd", "bf16_rounds", "fsdp_bf16", "ds_zero0_fp32_cpu", "ds_zero1_fp32_cpu"):
+    for name in ("identity", "s1_equals_sgd", "bf16_rounds", "fsdp_bf16", "ds_zero0_fp32_cpu", "ds_zero1_fp32_cpu",
+                 "ds_zero3_fp32_cpu"):
         assert secs[name]["status"] == "ok" and secs[name]["data"]["passed"] is True, (name, secs[name])
     identity = secs["identity"]["data"]["rows"]
     assert [r["workers"] for r in identity] == [2, 4]
@@ -46,17 +47,19 @@ def test_cpu_smoke_runs_every_section_and_records_the_skips(tmp_path):
     fsdp = secs["fsdp_bf16"]["data"]  # the FSDP bf16 policy: bf16 compute, fp32 shards, slices reach the shards
     assert fsdp["forward_output_dtype"] == "torch.bfloat16" and fsdp["shard_dtypes"] == ["torch.float32"]
     assert fsdp["slices_loaded_exactly"] and fsdp["worker_loss_last_round"] < fsdp["worker_loss_first_round"]
-    zero0, zero1 = secs["ds_zero0_fp32_cpu"]["data"], secs["ds_zero1_fp32_cpu"]["data"]
+    zero0, zero1, zero3 = (secs[f"ds_zero{k}_fp32_cpu"]["data"] for k in (0, 1, 3))
     assert zero0["master_copy"] is False and zero1["master_copy"] is True and zero1["zero_stage"] == 1
-    for rounds in (zero0["rounds"], zero1["rounds"]):
+    assert zero3["master_copy"] is True and zero3["zero_stage"] == 3  # the engine partitions a copy, pushed per load
+    for rounds in (zero0["rounds"], zero1["rounds"], zero3["rounds"]):
         assert len(rounds) >= 2
         assert all(r["module_equals_slices"] and r["master_equals_slices"] for r in rounds)
         assert all(r["next_step_rel_diff"] == 0.0 and r["reference_moved"] for r in rounds)
     # the control: without ds.push_values ZeRO-1's master copy would still hold the old values
-    assert all(r["master_stale_before_push"] for r in zero1["rounds"])
+    assert all(r["master_stale_before_push"] for r in zero1["rounds"] + zero3["rounds"])
 
     # the CUDA-only parts are skipped with the reason recorded
-    assert secs["ds_zero1_bf16_gpu"]["status"] == "skipped" and "GPU" in secs["ds_zero1_bf16_gpu"]["reason"]
+    for gpu_only in ("ds_zero1_bf16_gpu", "ds_zero3_bf16_gpu"):
+        assert secs[gpu_only]["status"] == "skipped" and "GPU" in secs[gpu_only]["reason"]
     assert secs["env"]["data"]["cuda_available"] is False and "cpu-smoke" in secs["env"]["data"]["reason"]
     for model in ("resnet18", "resnet50"):
         tp = secs[f"throughput_{model}"]
