@@ -136,6 +136,9 @@ def test_deepspeed_zero2_and_zero3_four_processes_two_workers_two_replicas_equal
                                os.path.join(ROOT, "ds_configs", "zero3_fp32_cpu_s2d2.json"), "--workers", "2"])
     assert "4 processes = S=2 x D=2" in proc.stdout
     assert all([x["assembled"] for x in _lines(zero3_dir, r, "assembled")] == ddp for r in range(4))
+    for r in range(4):  # at every round start the partitioned copy's fp32 master (gathered) equals the slices
+        checks = _lines(zero3_dir, r, "master_matches")
+        assert len(checks) == 3 and all(c["master_matches"] and c["master_copy"] for c in checks)
     proc, run_dir = _launch(launcher("deepspeed", 4), tmp_path / "zero2",
                             ["--deepspeed", "--deepspeed_config",
                              os.path.join(ROOT, "ds_configs", "zero2_fp32_cpu_s2d2.json"), "--workers", "2"])

@@ -45,11 +45,14 @@ class DebugHashes(Plugin):
             from deepspeed.utils import safe_get_full_fp32_param
 
             ok = True
+            # the engine's parameters: the plain sub-network's own (ZeRO 0-2) or, under ZeRO-3, those of the
+            # partitioned copy (ds.ZeroThreeReplica), whose fp32 master is gathered here (a collective)
+            trained = dict(w.ds_engine.module.named_parameters())
             for name, p in w.model.named_parameters():
                 full = w.slicer.full_tensors[name]
                 if full.numel():  # the full model is current (allgather): the module holds its slice
                     ok &= torch.equal(p.detach(), read_slice(full, w.slicer.indices(loop.engine.partition, name)))
-                master = safe_get_full_fp32_param(p)
+                master = safe_get_full_fp32_param(trained[name])
                 ok &= master is None or torch.equal(master.to(p.dtype).view_as(p), p.detach())
             self.file.write(json.dumps({"round": round_index, "master_matches": bool(ok),
                                         "master_copy": ds.master_copy(w.ds_engine)}) + "\n")
