@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 # DeepSpeed is installed without compiled ops; it builds what it needs at run time.
 export DS_BUILD_OPS := 0
 
-.PHONY: install run run-single test test-fast bench bench-smoke partition-report coverage data-fashion-mnist study study-smoke clean
+.PHONY: install run run-single test test-fast bench bench-smoke partition-report coverage data-fashion-mnist study study-smoke pretrain-quality clean
 
 install: $(STAMP)
 
@@ -71,6 +71,11 @@ study: $(STAMP) data-fashion-mnist
 # the same study at tiny sizes (digits, one seed; under 2 minutes): checks that it runs, not what it measures
 study-smoke: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) benchmarks/study.py --smoke $(ARGS)
+
+# LoFT pretraining quality against dense at equal samples per worker and equal FLOPs, 5 seeds, paired
+# 95% intervals (docs/results.md "Pretraining quality"); resumable; docs/results/pretrain_quality.{json,md}
+pretrain-quality: $(STAMP) data-fashion-mnist
+	OMP_NUM_THREADS=1 $(PY) benchmarks/pretrain_quality.py --jobs $(JOBS) $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -91,3 +91,37 @@ def test_wandb_logs_one_group_per_cell_and_leaves_the_run_directories_alone(tmp_
     # every cell (data set x budget) is exactly one group, holding all of its methods and seeds
     assert all(len(cells) == 1 for cells in groups.values())
     assert len(groups) == len({(t.data.name, t.budget) for t in tasks})
+
+
+# ------------------------------------------------------------------ benchmarks/pretrain_quality.py
+def _pretrain_quality():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import pretrain_quality
+    return pretrain_quality
+
+
+def test_pretrain_quality_pairs_seeds_and_gives_a_t_interval():
+    pq = _pretrain_quality()
+    loft = {0: 0.850, 1: 0.860, 2: 0.870, 7: 0.5}  # seed 7 has no dense partner: left out
+    dense = {0: 0.880, 1: 0.870, 2: 0.890}
+    d = pq.paired(loft, dense)
+    diffs = [-3.0, -1.0, -2.0]  # points
+    half = 4.302652729911275 * 1.0 / math.sqrt(3)  # t(0.975, 2) x std / sqrt(n); std of the diffs is 1
+    assert d["n"] == 3 and d["mean"] == pytest.approx(sum(diffs) / 3) and d["std"] == pytest.approx(1.0)
+    assert d["ci95"] == pytest.approx([-2.0 - half, -2.0 + half])
+    assert pq.paired({0: 0.9}, {0: 0.8})["ci95"] is None and pq.paired({0: 0.9}, {1: 0.8}) is None
+
+
+@pytest.mark.parametrize("arm, expected", [
+    ("dense", {"method": "dense", "lr": None, "epochs": None}),
+    ("loft-L8-carry", {"method": "loft", "local_steps": 8, "optimizer_state": "carry", "lr": None}),
+    ("loft-L4-reset-lr0.2-e15", {"method": "loft", "local_steps": 4, "lr": 0.2, "epochs": 15})])
+def test_pretrain_quality_arms(arm, expected):
+    parsed = _pretrain_quality().parse_arm(arm)
+    assert {k: parsed[k] for k in expected} == expected
+
+
+@pytest.mark.parametrize("arm", ["loft-L4", "loft-Lx-carry", "loft-L4-keep", "dense-lrx", "loft-L4-carry-e0"])
+def test_pretrain_quality_refuses_unknown_arms(arm):
+    with pytest.raises(SystemExit, match="is not dense, dense-flops or loft-L<k>-<reset|carry>"):
+        _pretrain_quality().parse_arm(arm)

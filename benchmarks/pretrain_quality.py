@@ -1,0 +1,290 @@
+#!/usr/bin/env python
+"""LoFT pretraining quality against dense training at explicit budgets (issue 16, item 0).
+
+Does the model LoFT assembles reach the accuracy of dense training, and with which LoFT settings?
+Every arm pretrains the same model on the same data with the same learning-rate schedule, in one
+process (S simulated workers give the same run as S processes), for several seeds:
+
+| arm | what | budget |
+|---|---|---|
+| dense | ``--method dense``, batch B, E epochs | every sample E times through the full model |
+| loft-L<k>-<state> | ``--method loft``, S workers, L = k, ``--optimizer_state`` reset/carry, batch B, E epochs | every worker sees every sample E times through its narrower sub-network: **equal samples per worker** with dense |
+| dense-flops | dense for the epochs that spend the training FLOPs of the default LoFT arm | **equal total FLOPs** with that arm |
+
+Any arm may end in ``-lr<x>`` (its base learning rate) and ``-e<n>`` (its epochs), e.g. ``loft-L4-carry-e15``.
+
+Training FLOPs are 3x the forward FLOPs per sample (torch's FlopCounterMode on the full model and on
+each worker's sub-network) times the samples each network processed. Accuracy is the assembled model's
+test accuracy after the recipe's BatchNorm recalibration. Differences to dense are paired by seed:
+mean, standard deviation and a 95% t-interval of the per-seed differences; a goal ("within 0.5 point
+of dense") is met when the whole interval lies above -0.5 points.
+
+    python benchmarks/pretrain_quality.py --jobs 2                       # the default probe
+    python benchmarks/pretrain_quality.py --arms dense,loft-L4-reset --seeds 0,1,2
+    python benchmarks/pretrain_quality.py --report_only                  # tables from finished runs
+
+Runs live in ``--output_dir`` (default runs/pretrain_quality) under their hparams hash, so a rerun skips
+finished ones. Writes ``--results`` (default docs/results/pretrain_quality.{json,md}).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from study import data_dir_of, make_fashion_subset, DataSpec  # noqa: E402
+
+DATA = DataSpec("fashion_mnist", "fashion_mnist", image_size=28, epochs=10, detector_every=0,
+                train_subset=8000, test_subset=2000)
+
+
+def parse_arm(arm: str) -> dict:
+    """``dense``, ``dense-flops`` or ``loft-L<k>-<reset|carry>``, each optionally followed by ``-lr<x>`` (the
+    base learning rate of that arm instead of ``--lr``) and ``-e<n>`` (its epochs instead of ``--epochs``)."""
+    parts = arm.split("-")
+    extra = {"lr": None, "epochs": None}
+    while len(parts) > 1 and parts[-1][:2] in ("lr", "e0", "e1", "e2", "e3", "e4", "e5", "e6", "e7", "e8", "e9"):
+        key, text = ("lr", parts[-1][2:]) if parts[-1].startswith("lr") else ("epochs", parts[-1][1:])
+        try:
+            value = float(text) if key == "lr" else int(text)
+        except ValueError:
+            value = -1
+        if extra[key] is not None or value <= 0:
+            break
+        extra[key] = value
+        parts.pop()
+    if parts in (["dense"], ["dense", "flops"]):
+        return {"method": "dense", "local_steps": 4, "optimizer_state": "carry", **extra}
+    if (len(parts) != 3 or parts[0] != "loft" or not parts[1].startswith("L") or not parts[1][1:].isdigit()
+            or parts[2] not in ("reset", "carry")):
+        raise SystemExit(f"error: arm {arm!r} is not dense, dense-flops or loft-L<k>-<reset|carry>, each with an "
+                         "optional -lr<x> and -e<epochs>")
+    return {"method": "loft", "local_steps": int(parts[1][1:]), "optimizer_state": parts[2], **extra}
+
+
+def hparams(args, arm: str, seed: int, epochs: int):
+    from loft_ext.engine.config import (DataHparams, DetectorHparams, LoftHparams, ModelHparams, OutputHparams,
+                                        TrainHparams)
+
+    a = parse_arm(arm)
+    return (ModelHparams(model=args.model, preset=args.preset),
+            DataHparams(dataset=DATA.dataset, data_dir=data_dir_of(DATA, args.data_root), image_size=DATA.image_size,
+                        batch_size=args.batch_size),
+            LoftHparams(workers=args.workers if a["method"] == "loft" else 2, local_steps=a["local_steps"],
+                        method=a["method"], optimizer_state=a["optimizer_state"]),
+            TrainHparams(epochs=epochs, lr=a["lr"] or args.lr, seed=seed),
+            DetectorHparams(distance_layers="none", earlybird=False),
+            OutputHparams(output_dir=args.output_dir, tracker="none"))
+
+
+def costs(args) -> dict[str, float]:
+    """Training FLOPs per sample (3 x forward) of the full model and of the mean LoFT worker sub-network,
+    and the bytes one rank sends per round when the S workers are S processes (``--sync allgather``, fp32;
+    the analytic count, which equals the measured one: tests/test_distributed.py), without and with
+    carried momentum (one state copy per parameter)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from loft_ext.models import create_model
+    from loft_ext.parallel.analytic import allgather_round_bytes
+    from loft_ext.partition.plan import make_plan
+    from loft_ext.partition.subnet import build_subnet
+
+    def forward(model):
+        model.eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(torch.zeros(1, 1, DATA.image_size, DATA.image_size))
+        return counter.get_total_flops()
+
+    torch.manual_seed(0)
+    full = create_model(args.model, 10, 1)
+    plan = make_plan(full, args.workers, args.preset, (1, 1, DATA.image_size, DATA.image_size), args.model)
+    workers = [forward(build_subnet(full, plan, s)) for s in range(args.workers)]
+    return {"dense": 3.0 * forward(full), "loft_worker_mean": 3.0 * sum(workers) / len(workers),
+            "sync_bytes_per_round": {state: allgather_round_bytes(full, plan, args.workers, 4, copies)
+                                     for state, copies in (("reset", 0), ("carry", 1))}}
+
+
+def run_one(args, arm: str, seed: int, epochs: int) -> dict:
+    import torch
+
+    from loft_ext.engine.pretrain import run_pretrain
+
+    torch.set_num_threads(1)
+    log_path = os.path.join(args.output_dir, "logs", f"{arm}-seed{seed}.log")
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    with open(log_path, "a") as log:
+        def say(*a, **k):
+            log.write(" ".join(str(x) for x in a) + "\n")
+            log.flush()
+        t0 = time.time()
+        summary = run_pretrain(*hparams(args, arm, seed, epochs), print_fn=say)
+    return {"arm": arm, "seed": seed, "epochs": epochs, "run_dir": os.path.relpath(summary["run_dir"], ROOT),
+            "test_acc": summary["test_acc"], "samples_per_worker": summary["samples_per_worker"],
+            "samples_total": summary["samples_total"], "sync_bytes_sent": summary.get("sync_bytes_sent", 0.0),
+            "wall_s": time.time() - t0, "skipped": summary.get("skipped", False)}
+
+
+def paired(a: dict[int, float], b: dict[int, float]) -> dict | None:
+    """Per-seed differences a - b in points: mean, std, 95% t-interval (seeds present in both)."""
+    from scipy import stats
+
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    diffs = [100 * (a[s] - b[s]) for s in seeds]
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return {"n": 1, "mean": mean, "std": None, "ci95": None}
+    std = statistics.stdev(diffs)
+    half = stats.t.ppf(0.975, len(diffs) - 1) * std / math.sqrt(len(diffs))
+    return {"n": len(diffs), "mean": mean, "std": std, "ci95": [mean - half, mean + half]}
+
+
+def _same_lr(args, arm: str, a: dict, accs: dict, by_arm: dict) -> dict | None:
+    """A LoFT arm with its own lr against the dense arm of the same lr (``dense-lr<x>``), when run."""
+    if a["method"] != "loft" or a["lr"] is None or a["lr"] == args.lr:
+        return None
+    dense = next((d for d in by_arm if d.startswith("dense") and parse_arm(d)["lr"] == a["lr"]), None)
+    return paired(accs, by_arm[dense]) if dense else None
+
+
+def report(args, runs: list[dict], flops: dict) -> dict:
+    by_arm: dict[str, dict[int, float]] = {}
+    for r in runs:
+        by_arm.setdefault(r["arm"], {})[r["seed"]] = r["test_acc"]
+    rows = []
+    for arm, accs in by_arm.items():
+        mine = [r for r in runs if r["arm"] == arm]
+        a = parse_arm(arm)
+        per_sample = flops["loft_worker_mean"] if a["method"] == "loft" else flops["dense"]
+        total = per_sample * statistics.fmean(r["samples_total"] for r in mine)
+        values = [100 * v for v in accs.values()]
+        rows.append({"arm": arm, "n": len(values), "epochs": mine[0]["epochs"], "test_acc_mean": statistics.fmean(values),
+                     "test_acc_std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                     "samples_per_worker": mine[0]["samples_per_worker"], "train_flops": total,
+                     "sync_mib_per_rank": (0.0 if a["method"] != "loft" else flops["sync_bytes_per_round"][
+                         a["optimizer_state"]] * mine[0]["samples_per_worker"] / (a["local_steps"] * args.batch_size)
+                         / 2 ** 20),
+                     "vs_dense": paired(accs, by_arm["dense"]) if "dense" in by_arm and arm != "dense" else None,
+                     "vs_dense_same_lr": _same_lr(args, arm, a, accs, by_arm),
+                     "vs_dense_flops": (paired(accs, by_arm["dense-flops"])
+                                        if "dense-flops" in by_arm and a["method"] == "loft" else None)})
+    return {"written": time.strftime("%Y-%m-%d %H:%M:%S"), "model": args.model, "preset": args.preset,
+            "workers": args.workers, "batch_size": args.batch_size, "lr": args.lr,
+            "data": f"fashion_mnist train {DATA.train_subset} / test {DATA.test_subset} at {DATA.image_size}px",
+            "flops_per_sample": flops, "rows": rows, "runs": runs}
+
+
+def _diff(d: dict | None) -> str:
+    if not d:
+        return "-"
+    if d["ci95"] is None:
+        return f"{d['mean']:+.2f} (n=1)"
+    return f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"
+
+
+def write_markdown(result: dict, path: str, command: str) -> None:
+    dense = next((r for r in result["rows"] if r["arm"] == "dense"), None)
+    lines = ["# LoFT pretraining quality vs dense training", "",
+             f"Written by `{command}` on {result['written']}. {result['model']} (preset {result['preset']}), "
+             f"S={result['workers']}, batch {result['batch_size']}, lr {result['lr']} step schedule, "
+             f"{result['data']}, one process per run (workers simulated).", "",
+             "| arm | epochs | seeds | test acc % mean +- std | vs dense, points (paired, 95% CI) | "
+             "vs dense at the arm's lr | vs dense-flops | samples per worker | training FLOPs (rel. dense) | "
+             "sync MiB/rank |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        rel = r["train_flops"] / dense["train_flops"] if dense else float("nan")
+        lines.append(f"| {r['arm']} | {r['epochs']} | {r['n']} | {r['test_acc_mean']:.2f} +- {r['test_acc_std']:.2f} | "
+                     f"{_diff(r['vs_dense'])} | {_diff(r['vs_dense_same_lr'])} | {_diff(r['vs_dense_flops'])} | "
+                     f"{r['samples_per_worker']} | "
+                     f"{rel:.2f} | {r['sync_mib_per_rank']:.0f} |")
+    lines += ["", "`dense` and the LoFT arms process the same samples per worker; `dense-flops` spends the "
+              "training FLOPs of the default LoFT arm (3 x forward FLOPs per sample x samples). `sync MiB/rank`: "
+              "what one rank sends in pretraining when the S workers are S processes (allgather, fp32; "
+              "analytic, equal to the measured count); dense in one process sends nothing. "
+              "Raw numbers: pretrain_quality.json.", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arms", default="dense,loft-L4-reset,loft-L8-reset,loft-L4-carry,loft-L8-carry",
+                        help="comma-separated: dense, dense-flops or loft-L<k>-<reset|carry>, each with an optional "
+                        "-lr<x> (base lr) and -e<n> (epochs)")
+    parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--model", default="resnet10t")
+    parser.add_argument("--preset", default="all")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--epochs", type=int, default=DATA.epochs, help="pretraining epochs of dense and LoFT")
+    parser.add_argument("--jobs", type=int, default=1, help="runs side by side (one per CPU core)")
+    parser.add_argument("--data_root", default=os.path.join(ROOT, "data"))
+    parser.add_argument("--output_dir", default=os.path.join(ROOT, "runs", "pretrain_quality"))
+    parser.add_argument("--results", default=os.path.join(ROOT, "docs", "results", "pretrain_quality"),
+                        help="path prefix of the .json and .md written")
+    parser.add_argument("--report_only", action="store_true", help="tables from finished runs, no training")
+    args = parser.parse_args(argv)
+    arms = [a for a in args.arms.split(",") if a]
+    for arm in arms:
+        parse_arm(arm)
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    make_fashion_subset(args.data_root, DATA.train_subset, DATA.test_subset)
+    flops = costs(args)
+    default = "loft-L4-reset"
+    flops_epochs = max(1, round(args.epochs * args.workers * flops["loft_worker_mean"] / flops["dense"]))
+    jobs = [(arm, seed, flops_epochs if arm.startswith("dense-flops") else parse_arm(arm)["epochs"] or args.epochs)
+            for arm in arms for seed in seeds]
+    print(f"{len(jobs)} runs; training FLOPs per sample: dense {flops['dense'] / 1e6:.1f}M, LoFT worker "
+          f"{flops['loft_worker_mean'] / 1e6:.1f}M; dense-flops = {flops_epochs} epochs (equal to {default})", flush=True)
+    runs = []
+    if args.report_only:
+        from loft_ext.engine.pretrain import run_pretrain  # noqa: F401  (the same hashing as a run)
+        from loft_ext.hparams import hparams_hash
+        for arm, seed, epochs in jobs:
+            hp = hparams(args, arm, seed, epochs)
+            path = os.path.join(args.output_dir, f"{args.model}-{hparams_hash(*hp[:5])}", "summary.json")
+            if os.path.isfile(path):
+                with open(path) as f:
+                    s = json.load(f)
+                runs.append({"arm": arm, "seed": seed, "epochs": epochs, "run_dir": os.path.relpath(os.path.dirname(path), ROOT),
+                             "test_acc": s["test_acc"], "samples_per_worker": s["samples_per_worker"],
+                             "samples_total": s["samples_total"], "sync_bytes_sent": s.get("sync_bytes_sent", 0.0),
+                             "wall_s": s["wall_s"], "skipped": True})
+    elif args.jobs <= 1:
+        for job in jobs:
+            runs.append(run_one(args, *job))
+            print(f"[{len(runs)}/{len(jobs)}] {runs[-1]['arm']} seed {runs[-1]['seed']}: "
+                  f"{100 * runs[-1]['test_acc']:.2f}% in {runs[-1]['wall_s']:.0f}s", flush=True)
+    else:
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for future in as_completed([pool.submit(run_one, args, *job) for job in jobs]):
+                runs.append(future.result())
+                print(f"[{len(runs)}/{len(jobs)}] {runs[-1]['arm']} seed {runs[-1]['seed']}: "
+                      f"{100 * runs[-1]['test_acc']:.2f}% in {runs[-1]['wall_s']:.0f}s", flush=True)
+    result = report(args, sorted(runs, key=lambda r: (r["arm"], r["seed"])), flops)
+    os.makedirs(os.path.dirname(args.results), exist_ok=True)
+    with open(args.results + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    write_markdown(result, args.results + ".md", "python benchmarks/pretrain_quality.py " + " ".join(argv or sys.argv[1:]))
+    for r in result["rows"]:
+        print(f"{r['arm']:<16} {r['test_acc_mean']:.2f} +- {r['test_acc_std']:.2f} (n={r['n']})  vs dense "
+              f"{_diff(r['vs_dense'])}  vs dense-flops {_diff(r['vs_dense_flops'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
