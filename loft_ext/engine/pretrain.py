@@ -232,17 +232,10 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
     loft.attach(*optimizers, begin=False)
     clip_norm = 0.0
     for w in engine.workers:
-        if ds_cfg is not None and ds.zero_stage(ds_cfg) == 3:  # ZeRO-3 partitions a copy (ds.ZeroThreeReplica)
-            zero3 = ds.ZeroThreeReplica(w.model)
-            w.optimizer = torch.optim.SGD(zero3.module.parameters(), lr=train_hp.lr, momentum=train_hp.momentum,
-                                          weight_decay=train_hp.weight_decay)
-            w.ds_engine, _, clip_norm = ds.initialize(zero3.module, w.optimizer, ds_cfg, LoftMPU(grid),
-                                                      ds_hp.ds_clip)
-            zero3.engine = w.ds_engine
-            w.after_load, w.before_sync = zero3.push, zero3.pull
-        elif ds_cfg is not None:  # DeepSpeed all-reduces gradients over the mpu's data group
-            w.ds_engine, _, clip_norm = ds.initialize(w.model, w.optimizer, ds_cfg, LoftMPU(grid), ds_hp.ds_clip)
-            w.after_load = (lambda e=w.ds_engine: ds.push_values(e))
+        if ds_cfg is not None:  # DeepSpeed all-reduces gradients over the mpu's data group
+            clip_norm = ds.wrap_worker(w, lambda ps: torch.optim.SGD(ps, lr=train_hp.lr, momentum=train_hp.momentum,
+                                                                      weight_decay=train_hp.weight_decay),
+                                       ds_cfg, LoftMPU(grid), ds_hp.ds_clip)
     step_fn = functools.partial(local_step, autocast=accelerator.autocast, memory_format=memory_format,
                                 clip_norm=clip_norm)
     d_index = grid.data_index if grid else 0

@@ -210,3 +210,23 @@ def push_values(engine) -> None:
 
     for p in engine.module.parameters():
         safe_set_full_fp32_param(p, p.detach().clone().float())
+
+
+def wrap_worker(worker, make_optimizer, cfg: dict, mpu: LoftMPU, clip: str) -> float:
+    """Give a LoFT worker its DeepSpeedEngine, wired for the round: ZeRO 0-2 wrap the worker's sub-network
+    itself (the round's slices are pushed into the master copy after each load); ZeRO-3 wraps a
+    :class:`ZeroThreeReplica` copy (pushed after each load, pulled before each sync).
+    ``make_optimizer(params)`` builds the client optimizer (ZeRO 0-2 keep one already attached); returns
+    the norm loft_ext clips to between backward and step (``clip="separate"``), else 0."""
+    if zero_stage(cfg) == 3:
+        zero3 = ZeroThreeReplica(worker.model)
+        worker.optimizer = make_optimizer(zero3.module.parameters())
+        worker.ds_engine, _, clip_norm = initialize(zero3.module, worker.optimizer, cfg, mpu, clip)
+        zero3.engine = worker.ds_engine
+        worker.after_load, worker.before_sync = zero3.push, zero3.pull
+    else:  # the optimizer a loop attached over the sub-network, if any
+        if worker.optimizer is None:
+            worker.optimizer = make_optimizer(worker.model.parameters())
+        worker.ds_engine, _, clip_norm = initialize(worker.model, worker.optimizer, cfg, mpu, clip)
+        worker.after_load = lambda e=worker.ds_engine: push_values(e)
+    return clip_norm
