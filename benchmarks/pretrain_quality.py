@@ -151,12 +151,17 @@ def paired(a: dict[int, float], b: dict[int, float]) -> dict | None:
     return {"n": len(diffs), "mean": mean, "std": std, "ci95": [mean - half, mean + half]}
 
 
-def _same_lr(args, arm: str, a: dict, accs: dict, by_arm: dict) -> dict | None:
-    """A LoFT arm with its own lr against the dense arm of the same lr (``dense-lr<x>``), when run."""
-    if a["method"] != "loft" or a["lr"] is None or a["lr"] == args.lr:
+def _same_settings(args, a: dict, accs: dict, by_arm: dict) -> dict | None:
+    """A LoFT arm with its own lr or epochs against the dense arm run with the same ones (e.g.
+    ``loft-L4-carry-e15`` against ``dense-e15``), when that was run."""
+    if a["method"] != "loft" or (a["lr"] is None and a["epochs"] is None):
         return None
-    dense = next((d for d in by_arm if d.startswith("dense") and parse_arm(d)["lr"] == a["lr"]), None)
-    return paired(accs, by_arm[dense]) if dense else None
+    for d in by_arm:
+        if d.startswith("dense") and not d.startswith("dense-flops"):
+            b = parse_arm(d)
+            if (b["lr"] or args.lr, b["epochs"] or args.epochs) == (a["lr"] or args.lr, a["epochs"] or args.epochs):
+                return paired(accs, by_arm[d])
+    return None
 
 
 def report(args, runs: list[dict], flops: dict) -> dict:
@@ -177,7 +182,7 @@ def report(args, runs: list[dict], flops: dict) -> dict:
                          a["optimizer_state"]] * mine[0]["samples_per_worker"] / (a["local_steps"] * args.batch_size)
                          / 2 ** 20),
                      "vs_dense": paired(accs, by_arm["dense"]) if "dense" in by_arm and arm != "dense" else None,
-                     "vs_dense_same_lr": _same_lr(args, arm, a, accs, by_arm),
+                     "vs_dense_same_settings": _same_settings(args, a, accs, by_arm),
                      "vs_dense_flops": (paired(accs, by_arm["dense-flops"])
                                         if "dense-flops" in by_arm and a["method"] == "loft" else None)})
     return {"written": time.strftime("%Y-%m-%d %H:%M:%S"), "model": args.model, "preset": args.preset,
@@ -201,13 +206,13 @@ def write_markdown(result: dict, path: str, command: str) -> None:
              f"S={result['workers']}, batch {result['batch_size']}, lr {result['lr']} step schedule, "
              f"{result['data']}, one process per run (workers simulated).", "",
              "| arm | epochs | seeds | test acc % mean +- std | vs dense, points (paired, 95% CI) | "
-             "vs dense at the arm's lr | vs dense-flops | samples per worker | training FLOPs (rel. dense) | "
+             "vs dense at the arm's lr and epochs | vs dense-flops | samples per worker | training FLOPs (rel. dense) | "
              "sync MiB/rank |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         rel = r["train_flops"] / dense["train_flops"] if dense else float("nan")
         lines.append(f"| {r['arm']} | {r['epochs']} | {r['n']} | {r['test_acc_mean']:.2f} +- {r['test_acc_std']:.2f} | "
-                     f"{_diff(r['vs_dense'])} | {_diff(r['vs_dense_same_lr'])} | {_diff(r['vs_dense_flops'])} | "
+                     f"{_diff(r['vs_dense'])} | {_diff(r['vs_dense_same_settings'])} | {_diff(r['vs_dense_flops'])} | "
                      f"{r['samples_per_worker']} | "
                      f"{rel:.2f} | {r['sync_mib_per_rank']:.0f} |")
     lines += ["", "`dense` and the LoFT arms process the same samples per worker; `dense-flops` spends the "
