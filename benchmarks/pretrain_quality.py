@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing
 import os
 import statistics
@@ -42,7 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from study import data_dir_of, make_fashion_subset, DataSpec  # noqa: E402
+from study import DataSpec, data_dir_of, interval, make_fashion_subset, paired  # noqa: E402
 
 DATA = DataSpec("fashion_mnist", "fashion_mnist", image_size=28, epochs=10, detector_every=0,
                 train_subset=8000, test_subset=2000)
@@ -135,22 +134,6 @@ def run_one(args, arm: str, seed: int, epochs: int) -> dict:
             "wall_s": time.time() - t0, "skipped": summary.get("skipped", False)}
 
 
-def paired(a: dict[int, float], b: dict[int, float]) -> dict | None:
-    """Per-seed differences a - b in points: mean, std, 95% t-interval (seeds present in both)."""
-    from scipy import stats
-
-    seeds = sorted(set(a) & set(b))
-    if not seeds:
-        return None
-    diffs = [100 * (a[s] - b[s]) for s in seeds]
-    mean = statistics.fmean(diffs)
-    if len(diffs) < 2:
-        return {"n": 1, "mean": mean, "std": None, "ci95": None}
-    std = statistics.stdev(diffs)
-    half = stats.t.ppf(0.975, len(diffs) - 1) * std / math.sqrt(len(diffs))
-    return {"n": len(diffs), "mean": mean, "std": std, "ci95": [mean - half, mean + half]}
-
-
 def _same_settings(args, a: dict, accs: dict, by_arm: dict) -> dict | None:
     """A LoFT arm with its own lr or epochs against the dense arm run with the same ones (e.g.
     ``loft-L4-carry-e15`` against ``dense-e15``), when that was run."""
@@ -191,14 +174,6 @@ def report(args, runs: list[dict], flops: dict) -> dict:
             "flops_per_sample": flops, "rows": rows, "runs": runs}
 
 
-def _diff(d: dict | None) -> str:
-    if not d:
-        return "-"
-    if d["ci95"] is None:
-        return f"{d['mean']:+.2f} (n=1)"
-    return f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"
-
-
 def write_markdown(result: dict, path: str, command: str) -> None:
     dense = next((r for r in result["rows"] if r["arm"] == "dense"), None)
     lines = ["# LoFT pretraining quality vs dense training", "",
@@ -212,7 +187,7 @@ def write_markdown(result: dict, path: str, command: str) -> None:
     for r in result["rows"]:
         rel = r["train_flops"] / dense["train_flops"] if dense else float("nan")
         lines.append(f"| {r['arm']} | {r['epochs']} | {r['n']} | {r['test_acc_mean']:.2f} +- {r['test_acc_std']:.2f} | "
-                     f"{_diff(r['vs_dense'])} | {_diff(r['vs_dense_same_settings'])} | {_diff(r['vs_dense_flops'])} | "
+                     f"{interval(r['vs_dense'])} | {interval(r['vs_dense_same_settings'])} | {interval(r['vs_dense_flops'])} | "
                      f"{r['samples_per_worker']} | "
                      f"{rel:.2f} | {r['sync_mib_per_rank']:.0f} |")
     lines += ["", "`dense` and the LoFT arms process the same samples per worker; `dense-flops` spends the "
@@ -287,7 +262,7 @@ def main(argv=None) -> int:
     write_markdown(result, args.results + ".md", "python benchmarks/pretrain_quality.py " + " ".join(argv or sys.argv[1:]))
     for r in result["rows"]:
         print(f"{r['arm']:<16} {r['test_acc_mean']:.2f} +- {r['test_acc_std']:.2f} (n={r['n']})  vs dense "
-              f"{_diff(r['vs_dense'])}  vs dense-flops {_diff(r['vs_dense_flops'])}")
+              f"{interval(r['vs_dense'])}  vs dense-flops {interval(r['vs_dense_flops'])}")
     return 0
 
 
