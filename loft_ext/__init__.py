@@ -5,6 +5,7 @@ Adopt it in your own Accelerate loop with the :class:`LoFT` helper (docs/library
 ``engine`` (helper, loop, pretraining, pipeline) -> ``partition`` / ``parallel`` / ``plugins`` /
 ``tickets`` -> utilities (``errors``, ``hparams``, ``data``, ``models``, ``evaluation``, ``tracking``).
 """
+from .engine.checkpointing import load_model_shards, save_model_shards
 from .engine.helper import LoFT, LoFTConfig, RunState
 from .engine.loop import fit, local_step, lr_at
 from .errors import ConfigError, LoftError, PluginError, Preempted, TrainingFailure, report_failure
@@ -32,5 +33,5 @@ __all__ = [
     "Plugin", "LoftRun", "EVENTS", "register_plugin", "create_plugin", "available_plugins",
     "Progress", "FilterDistance", "DistanceStop", "EarlyBird", "NonFiniteGuard", "Preemption", "SaveWeights",
     "TicketDrawer", "MaskEnforcement", "draw_ticket", "Ticket", "compact_model", "save_masks", "load_masks",
-    "__version__",
+    "save_model_shards", "load_model_shards", "__version__",
 ]

@@ -108,10 +108,12 @@ def save_model_shards(state: dict[str, torch.Tensor], folder: str) -> None:
     dcp.save(shards, storage_writer=dcp.FileSystemWriter(folder))
 
 
-def load_model_shards(folder: str, model: torch.nn.Module, where: str) -> None:
+def load_model_shards(folder: str, model: torch.nn.Module, where: str = "") -> None:
     """Fill ``model`` in place from a :func:`save_model_shards` checkpoint, every tensor whole (DCP reads
     and joins the chunks of any number of writers); needs no process group. The tensor names and shapes
-    are checked first, so a checkpoint of another model is refused by name."""
+    are checked first, so a checkpoint of another model is refused by name (``where`` names the checkpoint
+    in the message; default ``folder``)."""
+    where = where or folder
     state = model.state_dict()
     reader = dcp.FileSystemReader(folder)
     saved = {k: tuple(v.size) for k, v in reader.read_metadata().state_dict_metadata.items() if hasattr(v, "size")}
