@@ -13,6 +13,23 @@ from torch.utils.data import DataLoader
 
 
 @torch.no_grad()
+def recalibrate_bn(model: nn.Module, loader: DataLoader, batches: int) -> nn.Module:
+    """Re-estimates ``model``'s BatchNorm running statistics in place on ``batches`` batches of ``loader``
+    (a cumulative average; the weights are untouched)."""
+    device = next(model.parameters()).device
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    for i, (x, _) in enumerate(loader):
+        if i >= batches:
+            break
+        model(x.to(device))
+    return model
+
+
+@torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, recalibrate: DataLoader | None = None,
              recalibrate_batches: int = 0) -> dict:
     """Test loss and accuracy of ``model``.
@@ -23,16 +40,7 @@ def evaluate(model: nn.Module, loader: DataLoader, recalibrate: DataLoader | Non
     """
     device = next(model.parameters()).device
     if recalibrate_batches > 0 and recalibrate is not None:
-        model = copy.deepcopy(model)
-        bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        for bn in bns:
-            bn.reset_running_stats()
-            bn.momentum = None  # cumulative average over the calibration batches
-        model.train()
-        for i, (x, _) in enumerate(recalibrate):
-            if i >= recalibrate_batches:
-                break
-            model(x.to(device))
+        model = recalibrate_bn(copy.deepcopy(model), recalibrate, recalibrate_batches)
     model.eval()
     total, correct, loss_sum = 0, 0, 0.0
     for x, y in loader:

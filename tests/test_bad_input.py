@@ -170,6 +170,11 @@ CASES = {
                                             "--prune_levels > 1 is for --ticket unstructured", None),
     "rewind_round_without_its_round": (["--rewind", "round", "--ratios", "0.5"],
                                        "--rewind round needs --rewind_round >= 1", None),
+    "rewind_round_the_finished_pretraining_did_not_save": (
+        ["--rewind", "round", "--rewind_round", "1", "--ratios", "0.5"],
+        "round_1.safetensors is missing; the pretraining finished without saving those weights", None),
+    "negative_oneshot_bn_batches": (["--oneshot_bn_batches", "-1", "--ratios", "0.5"],
+                                    "--oneshot_bn_batches must be >= 0", None),
     "negative_lr": (["--lr", "-1"], "--lr must be > 0", None),
     "lr_milestones_outside_the_run": (["--lr_milestones", "0.5,2"], "--lr_milestones are fractions", None),
     "keep_no_checkpoints": (["--keep_checkpoints", "0"], "--keep_checkpoints must be >= 1", None),
@@ -305,21 +310,28 @@ def test_finetune_epochs_zero_reports_the_untrained_tickets_accuracy(previous, c
     from loft_ext.evaluation import evaluate
     from loft_ext.models import create_model
 
-    assert main([*TINY, "--ratios", "0.5", "--finetune_epochs", "0", "--output_dir", str(previous)]) == 0
-    assert "one-shot (not fine-tuned): test acc" in capsys.readouterr().out
-    (run,) = [p for p in previous.iterdir() if p.is_dir()]
-    (row,) = json.loads((run / "summary.json").read_text())["ticket_rows"]
-    assert row["finetune_bytes"] == 0 and row["total_bytes"] == row["pretrain_bytes"]
-    tdir = run / os.path.relpath(row["dir"], str(run))
-    pretrained, masks = load_file(str(run / "model.safetensors")), load_file(str(tdir / "masks.safetensors"))
-    ticket = load_file(str(tdir / "finetuned.safetensors"))
-    for name, w in ticket.items():  # the pretrained weights, pruned, nothing else changed
-        expected = pretrained[name] * masks[name] if name in masks else pretrained[name]
-        assert torch.equal(w, expected), name
-    model = create_model("resnet18", 10, 1)
-    model.load_state_dict(ticket)
     data = load_dataset("digits", image_size=16)
-    assert row["test_acc"] == evaluate(model, DataLoader(data.test, batch_size=256))["test_acc"]
+    (run,) = [p for p in previous.iterdir() if p.is_dir()]
+    pretrained = load_file(str(run / "model.safetensors"))
+    for bn_batches in (0, 2):  # the pretrained BatchNorm statistics, then re-estimated ones
+        assert main([*TINY, "--ratios", "0.5", "--finetune_epochs", "0", "--oneshot_bn_batches", str(bn_batches),
+                     "--finetune_batch_size", "32", "--output_dir", str(previous)]) == 0
+        assert "one-shot (not fine-tuned): test acc" in capsys.readouterr().out
+        row = json.loads((run / "summary.json").read_text())["ticket_rows"][-1]
+        assert row["finetune_bytes"] == 0 and row["total_bytes"] == row["pretrain_bytes"]
+        tdir = run / os.path.relpath(row["dir"], str(run))
+        masks = load_file(str(tdir / "masks.safetensors"))
+        ticket = load_file(str(tdir / "finetuned.safetensors"))
+        running = [n for n in ticket if n.endswith(("running_mean", "running_var"))]
+        expected = {n: pretrained[n] * masks[n] if n in masks else pretrained[n] for n in ticket}
+        for name, w in ticket.items():  # the pretrained weights, pruned; only the BN statistics may change
+            if not (bn_batches and name in running):
+                assert torch.equal(w, expected[name]), name
+        changed = sum(not torch.equal(ticket[n], expected[n]) for n in running)
+        assert changed == (len(running) if bn_batches else 0)
+        model = create_model("resnet18", 10, 1)
+        model.load_state_dict(ticket)
+        assert row["test_acc"] == evaluate(model, DataLoader(data.test, batch_size=256))["test_acc"]
 
 
 def test_an_unexpected_error_is_one_line_naming_its_traceback_file(tmp_path, capsys):

@@ -65,6 +65,9 @@ class TicketHparams(Hparams):
     rewind_round: int = field(0, "with --rewind round: the pretraining round whose weights are saved and used")
     finetune_epochs: int = field(2, "fine-tuning epochs per ticket; 0 = evaluate each ticket as pruned, "
                                  "untrained (its one-shot accuracy)")
+    oneshot_bn_batches: int = field(8, "with --finetune_epochs 0: training batches (of --finetune_batch_size) "
+                                    "that re-estimate the ticket's BatchNorm statistics before its one-shot "
+                                    "evaluation (removing channels shifts them); 0 = the pretrained statistics")
     finetune_lr: float = field(0.01, "fine-tuning learning rate (cosine annealed)")
     finetune_optimizer: str = field("sgd", "fine-tuning optimizer (sgd: momentum and weight decay of the "
                                     "training flags; adamw)", OPTIMIZERS)
@@ -84,6 +87,7 @@ def validate_tickets(t: TicketHparams) -> None:
         (t.prune_levels >= 1, f"--prune_levels must be >= 1 (got {t.prune_levels})"),
         (t.rewind != "round" or t.rewind_round >= 1, "--rewind round needs --rewind_round >= 1"),
         (t.finetune_epochs >= 0, f"--finetune_epochs must be >= 0 (got {t.finetune_epochs})"),
+        (t.oneshot_bn_batches >= 0, f"--oneshot_bn_batches must be >= 0 (got {t.oneshot_bn_batches})"),
         (t.finetune_lr > 0, f"--finetune_lr must be > 0 (got {t.finetune_lr})"),
         (t.finetune_batch_size >= 1, f"--finetune_batch_size must be >= 1 (got {t.finetune_batch_size})"),
         (t.ticket == "unstructured" or t.prune_levels == 1, "--prune_levels > 1 is for --ticket unstructured"),
@@ -153,6 +157,13 @@ def run_pipeline(model_hp, data_hp, loft_hp, train_hp, det_hp, out_hp, ticket_hp
     run_dir = pre["run_dir"]
     if not ticket_hp.ratios:
         return pre
+    start = {"none": None, "init": "init.safetensors",
+             "round": f"round_{ticket_hp.rewind_round}.safetensors"}[ticket_hp.rewind]
+    if start is not None and not os.path.exists(os.path.join(run_dir, start)):
+        # round weights are saved only by a pretraining that knew --rewind_round before it trained
+        raise ConfigError(f"--rewind {ticket_hp.rewind}: {os.path.join(run_dir, start)} is missing; the pretraining "
+                          "finished without saving those weights. Pass --force to pretrain again with "
+                          f"--rewind_round {ticket_hp.rewind_round}, or use another --output_dir")
     shape = (1, data.in_chans, data.image_size, data.image_size)
     score = _score(loft_hp.method, ticket_hp.prune_score)
     world = accelerator.num_processes
@@ -192,8 +203,6 @@ def run_pipeline(model_hp, data_hp, loft_hp, train_hp, det_hp, out_hp, ticket_hp
         except PruneError as exc:
             raise ConfigError(str(exc)) from None
         t_prune = time.time() - t0
-        start = {"none": None, "init": "init.safetensors",
-                 "round": f"round_{ticket_hp.rewind_round}.safetensors"}[ticket_hp.rewind]
         if start is not None:
             _load(model, os.path.join(run_dir, start))
         report = sparsity_report(model, masks)
@@ -212,7 +221,7 @@ def run_pipeline(model_hp, data_hp, loft_hp, train_hp, det_hp, out_hp, ticket_hp
                           lr=ticket_hp.finetune_lr, batch_size=ticket_hp.finetune_batch_size,
                           optimizer=ticket_hp.finetune_optimizer, momentum=train_hp.momentum,
                           weight_decay=train_hp.weight_decay, seed=train_hp.seed,
-                          eval_batch_size=data_hp.eval_batch_size, log=log,
+                          eval_batch_size=data_hp.eval_batch_size, log=log, oneshot_bn_batches=ticket_hp.oneshot_bn_batches,
                           memory_format=torch.channels_last if out_hp.channels_last else torch.contiguous_format)
         model.cpu()
         dense_flops = _forward_flops(model, shape)

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from ..evaluation import evaluate
+from ..evaluation import evaluate, recalibrate_bn
 from .plugins import MaskEnforcement
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -31,17 +31,23 @@ def make_optimizer(name: str, params, lr: float, momentum: float, weight_decay: 
 def finetune(model: nn.Module, masks: dict[str, torch.Tensor], train_set, test_set, accelerator, *,
              epochs: int, lr: float, batch_size: int, optimizer: str = "sgd", momentum: float = 0.9,
              weight_decay: float = 5e-4, seed: int = 0, eval_batch_size: int = 256,
-             memory_format: torch.memory_format = torch.contiguous_format, log=None) -> dict:
+             memory_format: torch.memory_format = torch.contiguous_format, log=None,
+             oneshot_bn_batches: int = 0) -> dict:
     """Cosine-annealed fine-tuning for ``epochs``; returns the final test metrics and the wall time.
 
     ``epochs=0`` evaluates the ticket as pruned, without training it (its one-shot accuracy: the pruned
-    weights, BatchNorm statistics as they were), and returns the same keys with ``steps`` 0."""
+    weights; with ``oneshot_bn_batches`` > 0 the BatchNorm statistics are first re-estimated in place on
+    that many training batches, since removing channels shifts them), and returns the same keys with
+    ``steps`` 0."""
     t0 = time.time()
     model.to(accelerator.device, memory_format=memory_format)
     enforcement = MaskEnforcement(model, masks)
     enforcement.start()
     if epochs == 0:
         enforcement.stop()
+        if oneshot_bn_batches > 0:
+            recalibrate_bn(model, DataLoader(train_set, batch_size=batch_size, shuffle=True,
+                                             generator=torch.Generator().manual_seed(seed)), oneshot_bn_batches)
         metrics = {"epoch": 0, **evaluate(model, DataLoader(test_set, batch_size=eval_batch_size))}
         if log is not None:
             log(metrics)
