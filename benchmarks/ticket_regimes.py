@@ -13,12 +13,14 @@ pretrained models and asks, per regime and sparsity, paired by seed with 95% t-i
   comparison) and against LoFT's own are reported beside it;
 - parity: is the LoFT ticket within 0.5 point of the dense one (the interval's lower end >= -0.5)?
 
-Regimes (``--regimes``; every one fine-tunes with masks enforced, cosine lr, batch 64):
+Regimes (``--regimes``; fine-tuning keeps the masks enforced, cosine lr, batch 64):
 
 | regime | ticket | ratios (fraction removed) | starts from | fine-tuning |
 |---|---|---|---|---|
-| structured-oneshot | structured, L2 of producer filters | 0.5, 0.8 | pruned pretrained weights | none (one-shot) |
+| structured-oneshot | structured, L2 of producer filters | 0.5, 0.8 | pruned pretrained weights | none (one-shot; BN statistics re-estimated on 8 batches) |
 | structured-ft1 | structured | 0.5, 0.8 | pruned pretrained weights | 1 epoch, lr 0.01 |
+| unstructured-oneshot | unstructured | 0.5, 0.8, 0.9 | pruned pretrained weights | none (one-shot; BN statistics re-estimated on 8 batches) |
+| unstructured-ft1 | unstructured | 0.9, 0.98, 0.99 | pruned pretrained weights | 1 epoch, lr 0.01 |
 | unstructured-ft2 | unstructured, global magnitude | 0.9, 0.95, 0.98 | pruned pretrained weights | 2 epochs, lr 0.01 |
 | unstructured-init-e5 | unstructured | 0.9, 0.98 | the initial weights (LTH rewinding) | 5 epochs, lr 0.05 |
 | unstructured-rewind-e5 | unstructured | 0.9, 0.98 | the weights after ``--rewind_epoch`` epochs | 5 epochs, lr 0.05 |
@@ -48,23 +50,24 @@ import argparse
 import contextlib
 import json
 import math
-import multiprocessing
 import os
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pretrain_quality  # noqa: E402
-from study import interval, make_fashion_subset, paired  # noqa: E402
+from study import interval, make_fashion_subset, paired, pool_results  # noqa: E402
 
 REGIMES = {
     "structured-oneshot": {"ticket": "structured", "ratios": (0.5, 0.8), "finetune_epochs": 0},
     "structured-ft1": {"ticket": "structured", "ratios": (0.5, 0.8), "finetune_epochs": 1, "finetune_lr": 0.01},
+    "unstructured-oneshot": {"ticket": "unstructured", "ratios": (0.5, 0.8, 0.9), "finetune_epochs": 0},
+    "unstructured-ft1": {"ticket": "unstructured", "ratios": (0.9, 0.98, 0.99), "finetune_epochs": 1,
+                         "finetune_lr": 0.01},
     "unstructured-ft2": {"ticket": "unstructured", "ratios": (0.9, 0.95, 0.98), "finetune_epochs": 2,
                          "finetune_lr": 0.01},
     "unstructured-init-e5": {"ticket": "unstructured", "ratios": (0.9, 0.98), "rewind": "init",
@@ -202,11 +205,12 @@ def write_markdown(result: dict, path: str, command: str) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--regimes", default="structured-oneshot,structured-ft1,unstructured-ft2",
+    parser.add_argument("--regimes", default="structured-oneshot,structured-ft1,unstructured-oneshot,unstructured-ft1,"
+                        "unstructured-ft2",
                         help=f"comma-separated, of: {', '.join(REGIMES)}")
     parser.add_argument("--sources", default="dense,loft-L4-reset",
-                        help="pretrainings (pretrain_quality.py arm names), dense first; the random control uses the "
-                        "second one's pretraining and ticket counts")
+                        help="pretrainings (pretrain_quality.py arm names), dense first; each also gets its random "
+                        "control (random:<source>)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rewind_epoch", type=float, default=1.0, help="unstructured-rewind-e5: epochs rewound to")
     parser.add_argument("--model", default="resnet10t")
@@ -238,11 +242,9 @@ def main(argv=None) -> int:
             rows += run_task(args, *job)
             print(f"[{job[0]} seed {job[1]}] done", flush=True)
     else:
-        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(run_task, args, *job): job for job in jobs}
-            for future in as_completed(futures):
-                rows += future.result()
-                print(f"[{futures[future][0]} seed {futures[future][1]}] done", flush=True)
+        for done in pool_results(run_task, [(args, *job) for job in jobs], args.jobs):
+            rows += done
+            print(f"[{done[0]['source'] if done else '?'} seed {done[0]['seed'] if done else '?'}] done", flush=True)
     rows.sort(key=lambda r: (regimes.index(r["regime"]), r["ratio"], r["source"], r["seed"]))
     result = report(args, rows, sources)
     os.makedirs(os.path.dirname(args.results), exist_ok=True)
