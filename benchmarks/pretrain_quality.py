@@ -30,18 +30,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from study import DataSpec, data_dir_of, interval, make_fashion_subset, paired  # noqa: E402
+from study import DataSpec, data_dir_of, interval, make_fashion_subset, paired, pool_results  # noqa: E402
 
 DATA = DataSpec("fashion_mnist", "fashion_mnist", image_size=28, epochs=10, detector_every=0,
                 train_subset=8000, test_subset=2000)
@@ -250,11 +248,10 @@ def main(argv=None) -> int:
             print(f"[{len(runs)}/{len(jobs)}] {runs[-1]['arm']} seed {runs[-1]['seed']}: "
                   f"{100 * runs[-1]['test_acc']:.2f}% in {runs[-1]['wall_s']:.0f}s", flush=True)
     else:
-        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            for future in as_completed([pool.submit(run_one, args, *job) for job in jobs]):
-                runs.append(future.result())
-                print(f"[{len(runs)}/{len(jobs)}] {runs[-1]['arm']} seed {runs[-1]['seed']}: "
-                      f"{100 * runs[-1]['test_acc']:.2f}% in {runs[-1]['wall_s']:.0f}s", flush=True)
+        for run in pool_results(run_one, [(args, *job) for job in jobs], args.jobs):
+            runs.append(run)
+            print(f"[{len(runs)}/{len(jobs)}] {runs[-1]['arm']} seed {runs[-1]['seed']}: "
+                  f"{100 * runs[-1]['test_acc']:.2f}% in {runs[-1]['wall_s']:.0f}s", flush=True)
     result = report(args, sorted(runs, key=lambda r: (r["arm"], r["seed"])), flops)
     os.makedirs(os.path.dirname(args.results), exist_ok=True)
     with open(args.results + ".json", "w") as f:

@@ -1,36 +1,46 @@
 #!/usr/bin/env python
-"""Ticket-quality study (issue 7; `make study`): are LoFT tickets as good as dense-pretrained ones?
+"""Ticket-quality study (issues 7 and 16; `make study`): are LoFT tickets as good as dense-pretrained ones?
 
 Methods, all on the same model, data, pretraining budget and fine-tuning budget:
 
 | label | pretraining | ticket |
 |---|---|---|
-| loft-S2, loft-S4 | LoFT with S = 2 / 4 filter workers (`--method loft`) | structured, L2 norm of the producer filters |
-| dense | plain training of the full model (`--method dense`) | structured, L2 |
-| earlybird | dense, stopped by the Early-Bird detector (`--method earlybird`) | structured, BN |gamma| |
-| random | the loft-S2 run of the same budget (reused, not retrained) | the same number of units per group as loft-S2's ticket, chosen at random (`--prune_score random`: what `--method random` does, on the same pretraining) |
+| loft-S2, loft-S4 | LoFT with S = 2 / 4 filter workers (`--method loft`) | unstructured: global magnitude of the conv/linear weights |
+| dense | plain training of the full model (`--method dense`) | unstructured magnitude |
+| earlybird | dense, stopped by the Early-Bird detector (`--method earlybird`) | unstructured magnitude |
+| random | the loft-S2 run of the same budget (reused, not retrained) | loft-S2's per-layer counts, weights chosen at random (`--prune_score random`) |
+| random-dense | the dense run of the same budget (reused) | dense's per-layer counts, chosen at random: the control that says whether the regime tells a magnitude ticket from a random one on the same weights |
+
+The regime (unstructured tickets at 98% and 99% sparsity, fine-tuned 1 epoch from the pruned
+pretrained weights) is the one benchmarks/ticket_regimes.py found to separate magnitude tickets from
+random ones (docs/results/ticket_regimes.md); the setting (resnet10t, an 8,000 / 2,000-image stratified
+Fashion-MNIST subset at 28 px, 10 epochs) is benchmarks/pretrain_quality.py's, where LoFT's
+pretraining gap to dense shows. Budgets are equal samples per worker (LoFT at S=2 spends 0.99x dense's
+training FLOPs; docs/results/pretrain_quality.md).
 
 Budgets: ``fixed`` (every pretraining runs its full epochs; the detectors only report) and ``stop``
 (LoFT and dense with `--distance_stop`: pretraining ends when the filter-distance rule fires; the
 epochs stay the cap and the schedule). Early-Bird always stops on its own detector, so it belongs to
-the ``stop`` budget only. Every pretraining is followed by one ticket per ratio (0.5 and 0.8, the
-fraction of units removed), each fine-tuned for the same epochs.
+the ``stop`` budget only. Every pretraining is followed by one ticket per ratio (the fraction of
+weights removed), each fine-tuned for the same epochs. The detectors check every 2 rounds (1/16
+epoch), and the report sets the ticket drawn where a detector stopped pretraining against the one drawn
+at the end of the full budget ("Early tickets").
 
-Two data sets: scikit-learn's digits (built in) and a fixed stratified subset of Fashion-MNIST
-(`make data-fashion-mnist` first; the subset is written as its own torchvision-layout folder under
-data/, so the runs need no option the pipeline lacks). Every pretraining + tickets is one
-`run_pipeline` call in this process (workers simulated; world size 1 gives the same run as S
-processes); runs live in `<output_dir>/<model>-<hash>/` like any other run, so re-running the study
-skips every finished pretraining and ticket: it can be stopped and resumed, or run in pieces
-(`--datasets`, `--seeds`, `--budgets`, `--methods`). `--jobs 2` runs two pipelines side by side.
+Fashion-MNIST comes from `make data-fashion-mnist`; the subset is written as its own
+torchvision-layout folder under data/, so the runs need no option the pipeline lacks. Every
+pretraining + tickets is one `run_pipeline` call in this process (workers simulated; world size 1
+gives the same run as S processes); runs live in `<output_dir>/<model>-<hash>/` like any other run, so
+re-running the study skips every finished pretraining and ticket: it can be stopped and resumed, or run
+in pieces (`--seeds`, `--budgets`, `--methods`). `--jobs 2` runs two pipelines side by side.
+Differences are paired by seed with 95% t-intervals, and the goals are judged on the intervals.
 
 Outputs (`--results_dir`, default docs/results): study.json (configuration, every run, every ticket,
-the per-cell statistics, the goals), study.md (tables), study_accuracy_vs_ratio.png and
+the per-cell statistics, the goals, early vs end), study.md (tables), study_accuracy_vs_ratio.png and
 study_distance_curves.png. `--report_only` rebuilds them from the finished runs without training.
 
-  python benchmarks/study.py                       # the full study (make study)
-  python benchmarks/study.py --jobs 2              # two pipelines at a time (one per CPU core)
-  python benchmarks/study.py --datasets digits --seeds 0   # a piece of it
+  python benchmarks/study.py --jobs 2              # the full study (make study): 5 seeds, about 60 minutes
+  python benchmarks/study.py --quick --jobs 2      # its first seed (make study-quick), about 10 minutes
+  python benchmarks/study.py --model resnet14t --seeds 0,1,2 --jobs 2   # a second (Bottleneck) architecture
   python benchmarks/study.py --smoke               # digits, one seed, tiny budgets (under 2 minutes)
   python benchmarks/study.py --plan                # list the pipeline calls and where they would go
 """
@@ -84,32 +94,37 @@ class StudySpec:
     earlybird_ratio: float
     bn_recalibration_batches: int
     datasets: tuple[DataSpec, ...]
+    ticket: str = "structured"   # structured (channel units, L2 score) or unstructured (global weight magnitude)
     wandb_project: str = ""   # set by --wandb: every run logs into this W&B project, one group per cell
 
 
 FULL = StudySpec(
-    model="resnet18", preset="all", local_steps=4, batch_size=64, lr=0.1, seeds=(0, 1, 2), ratios=(0.5, 0.8),
-    finetune_epochs=3, finetune_lr=0.01, finetune_batch_size=64, distance_window=5, distance_eps=0.1,
-    earlybird_ratio=0.5, bn_recalibration_batches=8,
+    # the setting of docs/results/pretrain_quality.md (where LoFT's pretraining gap shows) and the regime
+    # docs/results/ticket_regimes.md found to separate magnitude tickets from random ones
+    model="resnet10t", preset="all", local_steps=4, batch_size=64, lr=0.1, seeds=(0, 1, 2, 3, 4),
+    ratios=(0.98, 0.99), ticket="unstructured", finetune_epochs=1, finetune_lr=0.01, finetune_batch_size=64,
+    distance_window=5, distance_eps=0.1, earlybird_ratio=0.5, bn_recalibration_batches=8,
     datasets=(
-        # 1,437 training / 360 test images at 32x32 (the data set's default); 22 batches of 64 per worker
-        # and epoch -> 6 rounds per epoch; detectors every half epoch
-        DataSpec("digits", "digits", image_size=32, epochs=8, detector_every=3),
-        # a stratified 5,000-image training subset, the full 10,000-image test set, at 16x16 (resnet18's
-        # five stride-2 stages still end on a 1x1 map); 78 batches -> 20 rounds per epoch; detectors every
-        # quarter epoch
-        DataSpec("fashion_mnist", "fashion_mnist", image_size=16, epochs=8, detector_every=5, train_subset=5000),
+        # a stratified 8,000-image training / 2,000-image test subset at 28x28; 125 batches of 64 per worker
+        # and epoch -> 31.25 rounds per epoch; detectors every 2 rounds (1/16 epoch: the rule can fire from
+        # 0.32 epochs on, so its firing point is resolved rather than set by the checking grid)
+        DataSpec("fashion_mnist", "fashion_mnist", image_size=28, epochs=10, detector_every=2, train_subset=8000,
+                 test_subset=2000),
     ))
 
+# `--quick`: the first seed of the full study (the same runs: a quick run is where the full one starts)
+QUICK = dataclasses.replace(FULL, seeds=(0,))
+
 SMOKE = dataclasses.replace(
-    FULL, seeds=(0,), finetune_epochs=1, finetune_batch_size=256, distance_window=3, bn_recalibration_batches=1,
+    FULL, seeds=(0,), ratios=(0.5, 0.8), finetune_epochs=1, finetune_batch_size=256, distance_window=3, bn_recalibration_batches=1,
     batch_size=32, local_steps=2,
     datasets=(DataSpec("digits", "digits", image_size=8, epochs=1, detector_every=1, rounds=4),))
 
-# label -> (pretraining method, S); "random" reuses loft-S2's pretraining (see the docstring)
+# label -> (pretraining method, S); "random" / "random-dense" reuse loft-S2's / dense's pretraining
 PRETRAININGS = {"loft-S2": ("loft", 2), "loft-S4": ("loft", 4), "dense": ("dense", 1),
                 "earlybird": ("earlybird", 1)}
-METHODS = ("loft-S2", "loft-S4", "dense", "earlybird", "random")
+METHODS = ("loft-S2", "loft-S4", "dense", "earlybird", "random", "random-dense")
+RANDOM_OF = {"loft-S2": "random", "dense": "random-dense"}   # the random control drawn on a pretraining
 BUDGETS = ("fixed", "stop")
 
 
@@ -138,7 +153,7 @@ def make_tasks(spec: StudySpec, datasets, budgets, methods, seeds) -> list[Task]
                 for pre in ("loft-S4", "loft-S2", "dense", "earlybird"):  # the longest first
                     if pre == "earlybird" and budget != "stop":
                         continue
-                    labels = tuple(m for m in ((pre, "random") if pre == "loft-S2" else (pre,)) if m in methods)
+                    labels = tuple(m for m in (pre, RANDOM_OF.get(pre)) if m in methods)
                     if labels:
                         tasks.append(Task(data, budget, pre, seed, labels))
     return tasks
@@ -184,8 +199,8 @@ def hparams_of(spec: StudySpec, task: Task, output_dir: str, data_root: str):
         OutputHparams(output_dir=output_dir, tracker="wandb" if spec.wandb_project else "none",
                       wandb_project=spec.wandb_project or "loft_ext", wandb_group=wandb_group_of(task)),
     )
-    tickets = {label: TicketHparams(ratios=spec.ratios, ticket="structured",
-                                    prune_score="random" if label == "random" else "auto",
+    tickets = {label: TicketHparams(ratios=spec.ratios, ticket=spec.ticket,
+                                    prune_score="random" if label.startswith("random") else "auto",
                                     finetune_epochs=spec.finetune_epochs, finetune_lr=spec.finetune_lr,
                                     finetune_batch_size=spec.finetune_batch_size)
                for label in task.ticket_methods}
@@ -330,6 +345,32 @@ def _run_task(spec: StudySpec, task: Task, output_dir: str, data_root: str, log_
             "cpu_s": cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime}
 
 
+def pool_results(fn, argsets: list[tuple], jobs: int):
+    """``fn(*args)`` for every tuple of ``argsets`` in ``jobs`` spawned processes; yields the results as they
+    finish. SIGTERM to this driver is passed on to the workers (a pretraining checkpoints at the end of its
+    round and stops) and ends the loop as KeyboardInterrupt after they have stopped, so no worker outlives
+    the driver (a worker whose parent died would otherwise wait for work forever)."""
+    import multiprocessing
+    import signal
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+
+    def forward(signum, frame):
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        for future in as_completed([pool.submit(fn, *args) for args in argsets]):
+            yield future.result()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        pool.shutdown(wait=True, cancel_futures=True)  # running pipelines end (or checkpoint) first
+
+
 def run_tasks(spec: StudySpec, tasks: list[Task], output_dir: str, data_root: str, jobs: int, echo: bool) -> None:
     log_dir = os.path.join(output_dir, "logs")
     t_start = time.time()
@@ -348,16 +389,8 @@ def run_tasks(spec: StudySpec, tasks: list[Task], output_dir: str, data_root: st
         for task in tasks:
             report(run_task(spec, task, output_dir, data_root, log_dir, echo))
         return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
-    try:
-        futures = [pool.submit(run_task, spec, task, output_dir, data_root, log_dir, False) for task in tasks]
-        for future in as_completed(futures):
-            report(future.result())
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # running pipelines end (or checkpoint) first
+    for info in pool_results(run_task, [(spec, task, output_dir, data_root, log_dir, False) for task in tasks], jobs):
+        report(info)
 
 
 # ---------------------------------------------------------------------------------------- collecting
@@ -522,7 +555,31 @@ def summarise(spec: StudySpec, runs: list[dict], rows: list[dict]) -> dict:
                         "prune_wall_s_mean": _mean([r["prune_wall_s"] for r in sel]),
                         "finetune_wall_s_mean": _mean([r["finetune_wall_s"] for r in sel]),
                     })
-    return {"cells": cells, "goals": goals(spec, runs, cells)}
+    return {"cells": cells, "goals": goals(spec, runs, cells), "early_vs_end": early_vs_end(spec, runs, cells)}
+
+
+def early_vs_end(spec: StudySpec, runs: list[dict], cells: list[dict]) -> list[dict]:
+    """Item 4 of issue 16: is the ticket drawn where the detector stopped pretraining as good as the one
+    drawn at the end of the full budget? Per method and ratio: the stop budget's ticket minus the fixed
+    budget's (paired by seed), with the epochs the detectors fired at and the earliest epoch they could
+    have (the rule needs ``distance_window`` records; Early-Bird compares its last masks the same way)."""
+    out = []
+    for d in spec.datasets:
+        per_epoch = [r["rounds_per_epoch"] for r in runs if r["dataset"] == d.name]
+        earliest = (spec.distance_window * d.detector_every / per_epoch[0]) if per_epoch and d.detector_every else None
+        for method in METHODS:
+            for ratio in spec.ratios:
+                stop, fixed = _cell(cells, d.name, "stop", method, ratio), _cell(cells, d.name, "fixed", method, ratio)
+                if not stop:
+                    continue
+                base = fixed or _cell(cells, d.name, "fixed", "dense", ratio)  # Early-Bird: against dense's end
+                out.append({"dataset": d.name, "method": method, "ratio": ratio,
+                            "against": method if fixed else "dense", "stop_epochs": stop["pretrain_epochs_mean"],
+                            "distance_fired_epoch": stop["distance_fired_epoch_mean"],
+                            "earlybird_fired_epoch": stop["earlybird_fired_epoch_mean"],
+                            "earliest_possible_epoch": earliest,
+                            "stop_minus_end": paired(_by_seed(stop), _by_seed(base)) if base else None})
+    return out
 
 
 def _cell(cells, dataset, budget, method, ratio):
@@ -530,6 +587,11 @@ def _cell(cells, dataset, budget, method, ratio):
         if (c["dataset"], c["budget"], c["method"], c["ratio"]) == (dataset, budget, method, ratio):
             return c
     return None
+
+
+def _trails(gap: dict) -> bool:
+    """A control is beaten by a mean of >= 1 point with the 95% interval above 0 (one seed: the mean)."""
+    return gap["mean"] >= 1.0 and (gap["ci95"] is None or gap["ci95"][0] > 0)
 
 
 def goals(spec: StudySpec, runs: list[dict], cells: list[dict]) -> list[dict]:
@@ -549,13 +611,22 @@ def goals(spec: StudySpec, runs: list[dict], cells: list[dict]) -> list[dict]:
                                     "budget": budget, "method": method, "ratio": ratio, "paired": gap,
                                     "value": f"dense - {method} = {interval(gap)} points (paired by seed, 95% CI)",
                                     "met": worst <= 0.5})
-            a, b = _cell(cells, d.name, budget, "loft-S2", 0.8), _cell(cells, d.name, budget, "random", 0.8)
-            if a and b:  # a mean of >= 1 point and an interval above 0
+            for ratio in spec.ratios:  # does the regime tell a magnitude ticket from a random one?
+                a, b = _cell(cells, d.name, budget, "dense", ratio), _cell(cells, d.name, budget, "random-dense", ratio)
+                if a and b:  # a mean of >= 1 point and an interval above 0
+                    gap = paired(_by_seed(a), _by_seed(b))
+                    out.append({"goal": "random ticket trails the dense ticket by >= 1 point (same pretraining)",
+                                "dataset": d.name, "budget": budget, "method": "random-dense", "ratio": ratio,
+                                "paired": gap, "value": f"dense - random-dense = {interval(gap)} points (paired by "
+                                "seed, 95% CI)", "met": _trails(gap)})
+            top = max(spec.ratios)
+            a, b = _cell(cells, d.name, budget, "loft-S2", top), _cell(cells, d.name, budget, "random", top)
+            if a and b:
                 gap = paired(_by_seed(a), _by_seed(b))
-                out.append({"goal": "random ticket trails LoFT's by >= 1 point at r=0.8", "dataset": d.name,
-                            "budget": budget, "method": "random", "ratio": 0.8, "paired": gap,
+                out.append({"goal": f"random ticket trails LoFT's by >= 1 point at r={top:g}", "dataset": d.name,
+                            "budget": budget, "method": "random", "ratio": top, "paired": gap,
                             "value": f"loft-S2 - random = {interval(gap)} points (paired by seed, 95% CI)",
-                            "met": gap["mean"] >= 1.0 and (gap["ci95"] is None or gap["ci95"][0] > 0)})
+                            "met": _trails(gap)})
         # the detector comparison uses the fixed budget: both runs see every record up to the cap
         dense = [r for r in runs if (r["dataset"], r["budget"], r["pretraining"]) == (d.name, "fixed", "dense")]
         for method in ("loft-S2", "loft-S4"):
@@ -581,7 +652,7 @@ def goals(spec: StudySpec, runs: list[dict], cells: list[dict]) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------- writing
 COLORS = {"loft-S2": "tab:blue", "loft-S4": "tab:cyan", "dense": "tab:red", "earlybird": "tab:orange",
-          "random": "tab:gray"}
+          "random": "tab:gray", "random-dense": "tab:brown"}
 
 
 def _legend(ax) -> None:
@@ -614,7 +685,7 @@ def plot_accuracy(spec: StudySpec, cells: list[dict], path: str) -> None:
             ax.set_xticks(list(spec.ratios))
             ax.grid(alpha=0.3)
             _legend(ax)
-    fig.suptitle(f"{spec.model} structured tickets, {spec.finetune_epochs} fine-tuning epochs\n"
+    fig.suptitle(f"{spec.model} {spec.ticket} tickets, {spec.finetune_epochs} fine-tuning epochs\n"
                  f"(mean +- std over seeds)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -692,7 +763,7 @@ def write_markdown(spec: StudySpec, result: dict, path: str, smoke: bool, missin
     lines += ["Setup: " + ", ".join(
         [f"{spec.model} (preset `{spec.preset}`)", f"L={spec.local_steps}", f"batch {spec.batch_size}",
          f"lr {spec.lr} step schedule", f"seeds {','.join(map(str, spec.seeds))}",
-         f"structured tickets at r = {', '.join(f'{r:g}' for r in spec.ratios)}",
+         f"{spec.ticket} tickets at r = {', '.join(f'{r:g}' for r in spec.ratios)}",
          f"fine-tuning {spec.finetune_epochs} epochs (lr {spec.finetune_lr}, cosine, batch {spec.finetune_batch_size})",
          f"filter-distance rule: window {spec.distance_window}, eps {spec.distance_eps:g}"]) + ".", ""]
     for d in spec.datasets:
@@ -724,7 +795,22 @@ def write_markdown(spec: StudySpec, result: dict, path: str, smoke: bool, missin
                     f"{c['sync_mib_per_rank_mean']:.0f} | {_fmt(c['pretrain_wall_s_mean'], '{:.0f}')} | "
                     f"{_fmt(c['finetune_wall_s_mean'], '{:.0f}')} |")
             lines.append("")
-    lines += ["## Goals (issue 7)", "", "| goal | data set | budget | method | r | value | met |",
+    early = result["summary"].get("early_vs_end", [])
+    if early:
+        lines += ["## Early tickets: detector stop vs the full budget", "",
+                  "The ticket drawn where the detector ended pretraining minus the ticket drawn after the full "
+                  "budget (same method, ratio and fine-tuning; paired by seed; Early-Bird has no full-budget run of "
+                  "its own and is compared with dense's). `earliest`: the first epoch at which the rule could fire "
+                  "(window x check interval); a detector that fires there is limited by its checking grid.", "",
+                  "| data set | method | r | stopped @ epoch | distance fired @ | Early-Bird fired @ | earliest | "
+                  "stop - end (points, 95% CI) |", "|---|---|---|---|---|---|---|---|"]
+        for e in early:
+            lines.append(f"| {e['dataset']} | {e['method']}{'' if e['against'] == e['method'] else ' (vs dense)'} | "
+                         f"{e['ratio']:g} | {_fmt(e['stop_epochs'])} | {_fmt(e['distance_fired_epoch'])} | "
+                         f"{_fmt(e['earlybird_fired_epoch'])} | {_fmt(e['earliest_possible_epoch'])} | "
+                         f"{interval(e['stop_minus_end'])} |")
+        lines.append("")
+    lines += ["## Goals (issue 7, 16)", "", "| goal | data set | budget | method | r | value | met |",
               "|---|---|---|---|---|---|---|"]
     for g in result["summary"]["goals"]:
         lines.append(f"| {g['goal']} | {g['dataset']} | {g['budget']} | {g['method']} | "
@@ -736,9 +822,9 @@ def write_markdown(spec: StudySpec, result: dict, path: str, smoke: bool, missin
               "the seeds where it did (how many in brackets); in the fixed budget the detectors only report. "
               "`sync MiB/rank`: what one rank sends in pretraining when the S workers are S processes "
               "(allgather, fp32; the analytic count, equal to the measured one); dense and Early-Bird train "
-              "one model in one process and send nothing. `random` tickets are drawn from loft-S2's "
-              "pretraining of the same seed and budget (the same run: its epochs, detectors, bytes and "
-              "pretraining time are that run's). Times are wall seconds of one single-threaded pipeline "
+              "one model in one process and send nothing. `random` / `random-dense` tickets are drawn from "
+              "loft-S2's / dense's pretraining of the same seed and budget (the same run: its epochs, detectors, "
+              "bytes and pretraining time are that run's), with the per-layer counts of that run's ticket. Times are wall seconds of one single-threaded pipeline "
               "(longer when the cores are shared).", "",
               "![accuracy vs ratio](study_accuracy_vs_ratio.png)", "",
               "![filter distance](study_distance_curves.png)", ""]
@@ -786,6 +872,11 @@ def print_summary(result: dict) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="digits only, one seed, tiny budgets (< 2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="the full study's first seed only (about 10 minutes "
+                        "on 2 cores with --jobs 2; the same runs, so the full study continues from it); results "
+                        "in <output_dir>/results-quick unless --results_dir")
+    parser.add_argument("--model", default="", help="another timm model than the study's (e.g. resnet14t, a "
+                        "Bottleneck ResNet); results in docs/results/study-<model>/ unless --results_dir")
     parser.add_argument("--datasets", default="", help="comma-separated subset of the study's data sets")
     parser.add_argument("--seeds", default="", help="comma-separated subset of the seeds")
     parser.add_argument("--budgets", default=",".join(BUDGETS), help="fixed, stop or both")
@@ -807,13 +898,21 @@ def main(argv=None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("WANDB_MODE", "offline" if args.wandb else "disabled")
-    spec = SMOKE if args.smoke else FULL
+    if args.smoke and args.quick:
+        print("error: --smoke and --quick exclude each other; pass one", file=sys.stderr)
+        return 2
+    spec = SMOKE if args.smoke else QUICK if args.quick else FULL
+    if args.model:
+        spec = dataclasses.replace(spec, model=args.model)
     if args.wandb:
         spec = dataclasses.replace(spec, wandb_project=args.wandb_project)
     output_dir = os.path.abspath(args.output_dir or
                                  os.path.join(ROOT, "runs", "study-smoke" if args.smoke else "study"))
-    results_dir = os.path.abspath(args.results_dir or (os.path.join(output_dir, "results") if args.smoke
-                                                        else os.path.join(ROOT, "docs", "results")))
+    results_dir = os.path.abspath(
+        args.results_dir or (os.path.join(output_dir, "results") if args.smoke
+                             else os.path.join(output_dir, "results-quick") if args.quick
+                             else os.path.join(ROOT, "docs", "results", f"study-{args.model}") if args.model
+                             and args.model != FULL.model else os.path.join(ROOT, "docs", "results")))
     data_root = os.path.abspath(args.data_root)
     names = [d.name for d in spec.datasets]
     datasets = args.datasets.split(",") if args.datasets else names

@@ -10,7 +10,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUDY = os.path.join(ROOT, "benchmarks", "study.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-METHODS = ("loft-S2", "loft-S4", "dense", "earlybird", "random")
+METHODS = ("loft-S2", "loft-S4", "dense", "earlybird", "random", "random-dense")
 
 
 def _study(tmp_path, *extra):
@@ -58,14 +58,49 @@ def test_smoke_study_writes_every_method_and_resumes(tmp_path):
         assert "already finished" in last and "fine-tune epoch" not in last, log.name
 
 
+@pytest.mark.slow
+def test_sigterm_to_the_study_stops_its_workers_too(tmp_path):
+    """`kill <study>` (SIGTERM to the driver alone, as a scheduler or `timeout` sends it) must not leave its
+    spawned pipeline workers running: they would keep training into the same run directories."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, STUDY, "--smoke", "--jobs", "2", "--output_dir", str(tmp_path / "runs"),
+                             "--results_dir", str(tmp_path / "results")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+
+    def children():
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((tmp_path / "runs").glob("*/metrics.jsonl")):
+        time.sleep(0.5)  # a pipeline is training
+    workers = children()
+    assert len(workers) >= 2, workers  # the two pipeline workers (and the resource tracker)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted: run the same command again" in err
+    time.sleep(1)
+    alive = [p for p in workers if os.path.exists(f"/proc/{p}") and
+             open(f"/proc/{p}/stat").read().split()[2] != "Z"]
+    assert not alive, alive
+
+
 def test_plan_lists_the_full_study_without_running_it(tmp_path):
     proc = subprocess.run([sys.executable, STUDY, "--plan", "--output_dir", str(tmp_path)], capture_output=True,
                           text=True, env=ENV, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
-    # 2 data sets x 3 seeds x (fixed: loft-S4, loft-S2, dense; stop: the same and earlybird)
-    assert len(lines) == 2 * 3 * 7
-    assert sum("loft-S2,random" in line for line in lines) == 2 * 3 * 2
+    # 1 data set x 5 seeds x (fixed: loft-S4, loft-S2, dense; stop: the same and earlybird)
+    assert len(lines) == 1 * 5 * 7
+    assert sum("loft-S2,random" in line for line in lines) == 5 * 2
+    assert sum("dense,random-dense" in line for line in lines) == 5 * 2
+    quick = subprocess.run([sys.executable, STUDY, "--plan", "--quick", "--output_dir", str(tmp_path)],
+                           capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    # the quick study is the full one's first seed: the same run directories
+    assert quick.returncode == 0 and quick.stdout.strip().splitlines() == [l for l in lines if "/seed0 " in l]
     assert not any(tmp_path.iterdir())  # nothing written
 
 
@@ -125,3 +160,46 @@ def test_pretrain_quality_arms(arm, expected):
 def test_pretrain_quality_refuses_unknown_arms(arm):
     with pytest.raises(SystemExit, match="is not dense, dense-flops or loft-L<k>-<reset|carry>"):
         _pretrain_quality().parse_arm(arm)
+
+
+# ------------------------------------------------------------------ benchmarks/ticket_regimes.py
+def _ticket_regimes():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import ticket_regimes
+    return ticket_regimes
+
+
+def _args(tr, **changes):
+    return tr.argparse.Namespace(**{"model": "resnet10t", "preset": "all", "workers": 2, "batch_size": 64, "lr": 0.1,
+                                    "epochs": 10, "rewind_epoch": 1.0, **changes})
+
+
+def test_ticket_regimes_rewind_to_the_same_epoch_at_every_local_step_count():
+    tr = _ticket_regimes()
+    # 8,000 images / batch 64 = 125 batches per epoch: one epoch ends in round 32 at L=4 (rounded up), 16 at L=8
+    assert tr.rewind_round(_args(tr), "loft-L4-reset") == 32 == tr.rewind_round(_args(tr), "dense")
+    assert tr.rewind_round(_args(tr), "loft-L8-carry") == 16
+    assert tr.rewind_round(_args(tr, rewind_epoch=0.5), "loft-L8-carry") == 8
+    hp = tr.ticket_hparams(_args(tr), "unstructured-rewind-e5", "loft-L8-carry", random=True)
+    assert (hp.rewind, hp.rewind_round, hp.prune_score, hp.ratios) == ("round", 16, "random", (0.9, 0.98))
+
+
+def test_ticket_regimes_judge_the_control_and_parity_on_paired_intervals():
+    tr = _ticket_regimes()
+    acc = {"dense": [0.90, 0.91, 0.92], "random:dense": [0.88, 0.885, 0.90],   # -2, -2.5, -2 points
+           "loft-L4-reset": [0.899, 0.912, 0.918], "random:loft-L4-reset": [0.91, 0.91, 0.92]}
+    rows = [{"regime": "unstructured-ft2", "ratio": 0.9, "source": s, "seed": i, "test_acc": a}
+            for s, v in acc.items() for i, a in enumerate(v)]
+    # a second cell where random masks do as well: the regime does not discriminate there
+    rows += [{**r, "ratio": 0.5, "regime": "structured-ft1",
+              "test_acc": acc["dense"][r["seed"]] if r["source"].startswith("random") else r["test_acc"]} for r in rows]
+    result = tr.report(_args(tr), rows, ["dense", "loft-L4-reset"])
+    cell, other = result["cells"]
+    assert (cell["regime"], cell["ratio"], other["regime"]) == ("unstructured-ft2", 0.9, "structured-ft1")
+    control = cell["diffs"]["random:dense - dense"]
+    assert control["mean"] == pytest.approx(-13 / 6) and control["ci95"][1] < 0 and cell["discriminates"]
+    loft = cell["diffs"]["loft-L4-reset - dense"]  # -0.1, +0.2, -0.2 points: the interval's lower end is -0.6
+    assert loft["mean"] == pytest.approx(-0.1 / 3) and loft["ci95"][0] < -0.5 and cell["parity"] == {"loft-L4-reset": False}
+    assert set(cell["diffs"]) == {"random:dense - dense", "random:loft-L4-reset - dense",
+                                  "random:loft-L4-reset - loft-L4-reset", "loft-L4-reset - dense"}
+    assert not other["discriminates"] and other["diffs"]["random:dense - dense"]["mean"] == 0
