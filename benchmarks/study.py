@@ -106,8 +106,8 @@ FULL = StudySpec(
     distance_window=5, distance_eps=0.1, earlybird_ratio=0.5, bn_recalibration_batches=8,
     datasets=(
         # a stratified 8,000-image training / 2,000-image test subset at 28x28; 125 batches of 64 per worker
-        # and epoch -> 31.25 rounds per epoch; detectors every 2 rounds (1/16 epoch: the rule can fire from
-        # 0.32 epochs on, so its firing point is resolved rather than set by the checking grid)
+        # and epoch -> 32 rounds of L=4 per epoch; detectors every 2 rounds (1/16 epoch: the rules can fire
+        # from round 10, 0.31 epochs, on, so a firing point later than that is resolved to 2 rounds)
         DataSpec("fashion_mnist", "fashion_mnist", image_size=28, epochs=10, detector_every=2, train_subset=8000,
                  test_subset=2000),
     ))
@@ -116,8 +116,8 @@ FULL = StudySpec(
 QUICK = dataclasses.replace(FULL, seeds=(0,))
 
 SMOKE = dataclasses.replace(
-    FULL, seeds=(0,), ratios=(0.5, 0.8), finetune_epochs=1, finetune_batch_size=256, distance_window=3, bn_recalibration_batches=1,
-    batch_size=32, local_steps=2,
+    FULL, seeds=(0,), ratios=(0.5, 0.8), finetune_epochs=1, finetune_batch_size=256, distance_window=3,
+    bn_recalibration_batches=1, batch_size=32, local_steps=2,
     datasets=(DataSpec("digits", "digits", image_size=8, epochs=1, detector_every=1, rounds=4),))
 
 # label -> (pretraining method, S); "random" / "random-dense" reuse loft-S2's / dense's pretraining
@@ -320,7 +320,7 @@ def _run_task(spec: StudySpec, task: Task, output_dir: str, data_root: str, log_
     pre, tickets = hparams_of(spec, task, output_dir, data_root)
     extra = pipeline_kwargs(run_pipeline)
     os.makedirs(log_dir, exist_ok=True)
-    log_path = os.path.join(log_dir, task.key.replace("/", "_") + ".log")
+    log_path = os.path.join(log_dir, f"{spec.model}_" + task.key.replace("/", "_") + ".log")  # --model: own logs
     t0 = time.time()
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     with open(log_path, "a") as log:

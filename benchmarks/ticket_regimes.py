@@ -250,7 +250,8 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(args.results), exist_ok=True)
     with open(args.results + ".json", "w") as f:
         json.dump(result, f, indent=1)
-    write_markdown(result, args.results + ".md", "python benchmarks/ticket_regimes.py " + " ".join(argv or sys.argv[1:]))
+    command = "python benchmarks/ticket_regimes.py " + " ".join(argv or sys.argv[1:])
+    write_markdown(result, args.results + ".md", command)
     with open(args.results + ".md") as f:
         print(f.read())
     return 0

@@ -221,7 +221,8 @@ def run_pipeline(model_hp, data_hp, loft_hp, train_hp, det_hp, out_hp, ticket_hp
                           lr=ticket_hp.finetune_lr, batch_size=ticket_hp.finetune_batch_size,
                           optimizer=ticket_hp.finetune_optimizer, momentum=train_hp.momentum,
                           weight_decay=train_hp.weight_decay, seed=train_hp.seed,
-                          eval_batch_size=data_hp.eval_batch_size, log=log, oneshot_bn_batches=ticket_hp.oneshot_bn_batches,
+                          eval_batch_size=data_hp.eval_batch_size, log=log,
+                          oneshot_bn_batches=ticket_hp.oneshot_bn_batches,
                           memory_format=torch.channels_last if out_hp.channels_last else torch.contiguous_format)
         model.cpu()
         dense_flops = _forward_flops(model, shape)
