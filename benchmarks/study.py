@@ -509,7 +509,7 @@ def paired(a: dict[int, float], b: dict[int, float]) -> dict | None:
     if len(diffs) < 2:
         return {"n": 1, "mean": mean, "std": None, "ci95": None}
     std = statistics.stdev(diffs)
-    half = stats.t.ppf(0.975, len(diffs) - 1) * std / math.sqrt(len(diffs))
+    half = float(stats.t.ppf(0.975, len(diffs) - 1)) * std / math.sqrt(len(diffs))  # a float, not numpy: JSON
     return {"n": len(diffs), "mean": mean, "std": std, "ci95": [mean - half, mean + half]}
 
 
@@ -602,7 +602,7 @@ def goals(spec: StudySpec, runs: list[dict], cells: list[dict]) -> list[dict]:
     for d in spec.datasets:
         for budget in BUDGETS:
             for method in ("loft-S2", "loft-S4"):
-                for ratio in (0.5, 0.8):
+                for ratio in spec.ratios:
                     a, b = _cell(cells, d.name, budget, method, ratio), _cell(cells, d.name, budget, "dense", ratio)
                     if a and b:  # judged on the upper end of the paired 95% interval (the mean with one seed)
                         gap = paired(_by_seed(b), _by_seed(a))

@@ -128,6 +128,28 @@ def test_wandb_logs_one_group_per_cell_and_leaves_the_run_directories_alone(tmp_
     assert len(groups) == len({(t.data.name, t.budget) for t in tasks})
 
 
+def test_goals_cover_every_ratio_of_the_spec_and_are_plain_json(tmp_path):
+    """The goals are judged per ratio of the study's spec (not fixed ratios), and what they hold goes into
+    study.json (a numpy bool from scipy's interval once broke the write)."""
+    import importlib.util
+
+    loader = importlib.util.spec_from_file_location("study", STUDY)
+    study = importlib.util.module_from_spec(loader)
+    sys.modules["study"] = study
+    loader.loader.exec_module(study)
+    spec = study.FULL
+    acc = {"dense": [0.87, 0.88, 0.875], "random-dense": [0.85, 0.86, 0.852], "loft-S2": [0.866, 0.878, 0.87],
+           "random": [0.84, 0.85, 0.845]}
+    cells = [{"dataset": "fashion_mnist", "budget": "fixed", "method": m, "ratio": r, "seeds": [0, 1, 2],
+              "test_acc": v} for m, v in acc.items() for r in spec.ratios]
+    goals = study.goals(spec, [], cells)
+    parity = [g for g in goals if g["goal"].startswith("LoFT ticket within")]
+    control = [g for g in goals if g["method"] == "random-dense"]
+    assert sorted(g["ratio"] for g in parity) == sorted(spec.ratios) == sorted(g["ratio"] for g in control)
+    assert all(g["met"] for g in control) and not any(g["met"] for g in parity)  # -2.1 and -0.37 +- 0.4 points
+    json.dumps(goals)  # plain Python numbers and bools only
+
+
 # ------------------------------------------------------------------ benchmarks/pretrain_quality.py
 def _pretrain_quality():
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
