@@ -759,7 +759,7 @@ def write_markdown(spec: StudySpec, result: dict, path: str, smoke: bool, missin
              "Raw numbers: study.json. Setup: docs/results.md, section \"Ticket study\".", ""]
     if missing:
         lines += [f"**Incomplete**: {len(missing)} of {len(missing) + len(runs)} pretraining runs are not "
-                  f"finished yet (listed in study.json, `missing_runs`); run `make study` to continue.", ""]
+                  f"finished yet (listed in study.json, `missing_runs`); run the command that wrote it (without the pieces it left out) to continue.", ""]
     lines += ["Setup: " + ", ".join(
         [f"{spec.model} (preset `{spec.preset}`)", f"L={spec.local_steps}", f"batch {spec.batch_size}",
          f"lr {spec.lr} step schedule", f"seeds {','.join(map(str, spec.seeds))}",
