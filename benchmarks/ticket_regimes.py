@@ -34,7 +34,8 @@ it trains: its runs go to ``<output_dir>-rewind-e<x>`` (trained once more; k is 
 
 Budgets (item 3): every source pretrains for the same samples per worker (pretrain_quality: LoFT spends
 0.99x dense's training FLOPs at S=2), every ticket of a regime fine-tunes for the same epochs; the bytes
-are in each ticket's result.json (``pretrain_bytes``).
+one rank would send with S processes are pretrain_quality's ``sync MiB/rank`` (these runs simulate the
+workers in one process, so their ``pretrain_bytes`` is 0).
 
     python benchmarks/ticket_regimes.py --jobs 2                         # the sweep, seeds 0-2
     python benchmarks/ticket_regimes.py --regimes unstructured-ft2 --seeds 0,1,2,3,4 --jobs 2
