@@ -321,3 +321,19 @@ def test_custom_loop_reaches_the_recipe_accuracy_on_the_same_budget(tmp_path):
     reference = json.loads((run_dir / "summary.json").read_text())["test_acc"]
     print(f"custom loop {100 * custom['test_acc']:.2f}% vs recipe {100 * reference:.2f}% on the same budget")
     assert custom["test_acc"] >= reference - 0.01
+
+
+def test_recalibrate_bn_in_place_is_what_evaluate_does_on_a_copy():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    model = loft_ext.create_model("resnet10t", 10, 1)
+    data = TensorDataset(torch.randn(64, 1, 16, 16), torch.randint(0, 10, (64,)))
+    train, test = DataLoader(data, batch_size=16), DataLoader(data, batch_size=32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    on_copy = loft_ext.evaluate(model, test, recalibrate=train, recalibrate_batches=3)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # evaluate leaves it alone
+    tuned = loft_ext.recalibrate_bn(copy.deepcopy(model), train, 3)
+    assert loft_ext.evaluate(tuned, test) == on_copy
+    changed = [k for k, v in tuned.state_dict().items() if not torch.equal(before[k], v)]
+    assert changed and all(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in changed)
