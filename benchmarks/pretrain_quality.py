@@ -39,7 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from study import DataSpec, data_dir_of, interval, make_fashion_subset, paired, pool_results  # noqa: E402
+from study import DataSpec, data_dir_of, interval, make_fashion_subset, paired, parse_seeds, pool_results  # noqa: E402
 
 DATA = DataSpec("fashion_mnist", "fashion_mnist", image_size=28, epochs=10, detector_every=0,
                 train_subset=8000, test_subset=2000)
@@ -219,7 +219,7 @@ def main(argv=None) -> int:
     arms = [a for a in args.arms.split(",") if a]
     for arm in arms:
         parse_arm(arm)
-    seeds = [int(s) for s in args.seeds.split(",") if s]
+    seeds = parse_seeds(args.seeds)
     make_fashion_subset(args.data_root, DATA.train_subset, DATA.test_subset)
     flops = costs(args)
     default = "loft-L4-reset"

@@ -345,6 +345,17 @@ def _run_task(spec: StudySpec, task: Task, output_dir: str, data_root: str, log_
             "cpu_s": cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime}
 
 
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``--seeds 0,1,2`` as integers; anything else is one clear error."""
+    try:
+        seeds = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise SystemExit(f"error: --seeds takes comma-separated integers such as 0,1,2 (got {text!r})") from None
+    if not seeds:
+        raise SystemExit("error: --seeds names no seed; pass e.g. --seeds 0,1,2")
+    return seeds
+
+
 def pool_results(fn, argsets: list[tuple], jobs: int):
     """``fn(*args)`` for every tuple of ``argsets`` in ``jobs`` spawned processes; yields the results as they
     finish. SIGTERM to this driver is passed on to the workers (a pretraining checkpoints at the end of its
@@ -916,7 +927,7 @@ def main(argv=None) -> int:
     data_root = os.path.abspath(args.data_root)
     names = [d.name for d in spec.datasets]
     datasets = args.datasets.split(",") if args.datasets else names
-    seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else spec.seeds
+    seeds = parse_seeds(args.seeds) if args.seeds else spec.seeds
     budgets = tuple(b for b in args.budgets.split(",") if b)
     methods = tuple(m for m in args.methods.split(",") if m)
     for kind, given, allowed in (("data set", datasets, names), ("budget", budgets, BUDGETS),

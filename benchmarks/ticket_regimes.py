@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -61,7 +62,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pretrain_quality  # noqa: E402
-from study import interval, make_fashion_subset, paired, pool_results  # noqa: E402
+from study import interval, make_fashion_subset, paired, parse_seeds, pool_results  # noqa: E402
 
 REGIMES = {
     "structured-oneshot": {"ticket": "structured", "ratios": (0.5, 0.8), "finetune_epochs": 0},
@@ -100,8 +101,6 @@ def ticket_hparams(args, regime: str, source: str, random: bool):
 
 def pretrain_hparams(args, source: str, seed: int, rewinding: bool):
     """pretrain_quality's hparams of ``source`` (its runs are reused), in the rewinding directory if asked."""
-    import dataclasses
-
     hp = list(pretrain_quality.hparams(args, source, seed, pretrain_quality.parse_arm(source)["epochs"] or args.epochs))
     if rewinding:
         hp[5] = dataclasses.replace(hp[5], output_dir=args.output_dir + f"-rewind-e{args.rewind_epoch:g}")
@@ -234,7 +233,7 @@ def main(argv=None) -> int:
         pretrain_quality.parse_arm(s)
     if len(sources) < 2 or pretrain_quality.parse_arm(sources[0])["method"] != "dense":
         raise SystemExit("error: --sources needs a dense arm first and at least one LoFT arm, e.g. dense,loft-L4-reset")
-    seeds = [int(s) for s in args.seeds.split(",") if s]
+    seeds = parse_seeds(args.seeds)
     make_fashion_subset(args.data_root, pretrain_quality.DATA.train_subset, pretrain_quality.DATA.test_subset)
     jobs = [(source, seed, regimes) for seed in seeds for source in sources]
     rows = []

@@ -226,3 +226,13 @@ def test_ticket_regimes_judge_the_control_and_parity_on_paired_intervals():
     assert set(cell["diffs"]) == {"random:dense - dense", "random:loft-L4-reset - dense",
                                   "random:loft-L4-reset - loft-L4-reset", "loft-L4-reset - dense"}
     assert not other["discriminates"] and other["diffs"]["random:dense - dense"]["mean"] == 0
+
+
+@pytest.mark.parametrize("text, message", [("a", "comma-separated integers"), ("1,x", "comma-separated integers"),
+                                           (",", "names no seed")])
+def test_bad_seeds_are_one_clear_error(text, message):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import study
+    with pytest.raises(SystemExit, match=message):
+        study.parse_seeds(text)
+    assert study.parse_seeds("0, 2,") == (0, 2)
