@@ -8,6 +8,8 @@
 3. Resume at a round boundary: a fresh FSDP engine built from the assembled model after round k and
    trained for the remaining rounds ends where the uninterrupted FSDP run ends (what a checkpoint holds
    under ``--optimizer_state reset`` is the full model).
+4. ``--optimizer_state carry`` under both strategies: FSDP replicas equal DDP replicas, every phase equals
+   the analytic count, and a resume after round 1 (assembled model + the strategy's saved tensors) is exact.
 """
 import json
 import os
@@ -54,12 +56,17 @@ def batch(worker: int, replica: int, round_index: int, step: int):
 
 
 def train(base, plan, grid, replicas: str, start: int = 0, stop: int = ROUNDS, record_bytes: bool = False,
-          mixed_precision: str = "no", strategy: str = "allgather"):
+          mixed_precision: str = "no", strategy: str = "allgather", optimizer_state: str = "reset",
+          carried: dict | None = None):
+    """LoFT rounds [start, stop) from ``base``; ``carried``: the strategy's saved tensors to resume from
+    (its ``state_dict()`` after round start - 1, which the returned info holds as ``carried``)."""
     model = create_model(MODEL, 10)
     model.load_state_dict(base.state_dict())
     engine = LoFTEngine(model, plan, seed=0, grid=grid, replicas=replicas, start_round=start,
-                        mixed_precision=mixed_precision, strategy=strategy,
+                        mixed_precision=mixed_precision, strategy=strategy, optimizer_state=optimizer_state,
                         make_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=5e-4))
+    if carried is not None:
+        engine.strategy.load_state_dict(carried)
     w = engine.workers[0]
     state_bytes = None
     for r in range(start, stop):
@@ -72,11 +79,12 @@ def train(base, plan, grid, replicas: str, start: int = 0, stop: int = ROUNDS, r
     full = {k: v.detach().clone() for k, v in engine.assembled().state_dict().items()}
     elem = next(model.parameters()).element_size()
     expected = analytic.rank_bytes(model, plan, grid.layout, grid.rank, strategy, stop - start,
-                                   (stop - start) * STEPS, elem, sharded=replicas == "fsdp",
-                                   draw=lambda k: engine.draw(start + k))
+                                   (stop - start) * STEPS, elem, 1 if optimizer_state == "carry" else 0,
+                                   sharded=replicas == "fsdp", draw=lambda k: engine.draw(start + k))
     measured = {phase: c.sent for phase, c in engine.comm.counters.items()}
     return full, {"state_bytes": state_bytes, "measured_phases": measured, "strategy": type(engine.strategy).__name__,
-                  "analytic_phases": {k: v["bytes_sent"] for k, v in expected.items() if k != "dp_grad"}}
+                  "analytic_phases": {k: v["bytes_sent"] for k, v in expected.items() if k != "dp_grad"},
+                  "carried": {k: v.clone() for k, v in engine.strategy.state_dict().items()}}
 
 
 def ticket_units(model) -> list[list[int]]:
@@ -106,8 +114,27 @@ def main(out_dir: str) -> None:
     bf16, _ = train(base, plan, grid, "fsdp", stop=1, mixed_precision="bf16")
     # --sync alltoall: replica d sends chunk d of each peer's part; the same models as DDP replicas
     a2a = {mode: train(base, plan, grid, mode, stop=2, strategy="alltoall") for mode in ("ddp", "fsdp")}
-    result["alltoall"] = {mode: info for mode, (_, info) in a2a.items()}
+    result["alltoall"] = {mode: {k: v for k, v in info.items() if k != "carried"} for mode, (_, info) in a2a.items()}
     result["alltoall_bit_identical"] = all(torch.equal(a2a["ddp"][0][k], a2a["fsdp"][0][k]) for k in a2a["ddp"][0])
+    # --optimizer_state carry: the momentum is sharded like its parameter and moves with it (both strategies);
+    # a resume after round 1 from the assembled model and the strategy's saved state ends where the whole run does
+    carry = {}
+    for strategy in ("allgather", "alltoall"):
+        runs = {mode: train(base, plan, grid, mode, strategy=strategy, optimizer_state="carry") for mode in ("ddp", "fsdp")}
+        head, head_info = train(base, plan, grid, "fsdp", stop=1, strategy=strategy, optimizer_state="carry")
+        head_model = create_model(MODEL, 10)
+        head_model.load_state_dict(head)
+        tail, _ = train(head_model, plan, grid, "fsdp", start=1, strategy=strategy, optimizer_state="carry",
+                        carried=head_info["carried"])
+        reset = a2a["fsdp"][0] if strategy == "alltoall" else fsdp
+        carry[strategy] = {
+            "bit_identical": all(torch.equal(runs["ddp"][0][k], runs["fsdp"][0][k]) for k in runs["ddp"][0]),
+            "resume_bit_identical": all(torch.equal(tail[k], runs["fsdp"][0][k]) for k in tail),
+            "differs_from_reset": max((runs["fsdp"][0][k] - reset[k]).abs().max().item() for k in floats)
+            if strategy == "allgather" else None,
+            "carried_keys": sorted({k.split("|")[2] for k in head_info["carried"]}),
+            **{mode: {k: v for k, v in info.items() if k != "carried"} for mode, (_, info) in runs.items()}}
+    result["carry"] = carry
     result["bf16_finite"] = all(bool(torch.isfinite(bf16[k]).all()) for k in floats)
     result["bf16_moved"] = max((bf16[k] - base.state_dict()[k]).abs().max().item() for k in floats)
 
@@ -118,7 +145,8 @@ def main(out_dir: str) -> None:
     result.update({
         "tickets_identical": ticket_units(as_model(ddp)) == ticket_units(as_model(fsdp)),
         "max_rel_diff": max(((ddp[k] - fsdp[k]).abs() / ddp[k].abs().clamp_min(1e-6)).max().item() for k in floats),
-        "ddp": ddp_info, "fsdp": fsdp_info,
+        "ddp": {k: v for k, v in ddp_info.items() if k != "carried"},
+        "fsdp": {k: v for k, v in fsdp_info.items() if k != "carried"},
         "max_abs_diff": max((ddp[k] - fsdp[k]).abs().max().item() for k in floats),
         "bit_identical": all(torch.equal(ddp[k], fsdp[k]) for k in ddp),
         "moved": max((ddp[k] - base.state_dict()[k]).abs().max().item() for k in floats),

@@ -127,13 +127,16 @@ def test_deepspeed_loft_equals_plain_torch_loft(tmp_path, plain, config):
 def test_deepspeed_zero2_and_zero3_four_processes_two_workers_two_replicas_equal_ddp_replicas(tmp_path):
     """ZeRO-2 (gradients and optimizer state partitioned over a worker's D = 2 replicas) and ZeRO-3 (the
     parameters too: the engine wraps a copy of the sub-network, ds.ZeroThreeReplica) assemble the models that
-    plain torch DDP replicas assemble, bit for bit (D = 2: a sum of two gradients, halved exactly)."""
-    _, ddp_dir = _launch(launcher("torchrun", 4), tmp_path / "ddp", ["--workers", "2", "--batch_size", "64"])
+    plain torch DDP replicas assemble, bit for bit (D = 2: a sum of two gradients, halved exactly), with the
+    momentum carried across rounds (``--optimizer_state carry``: ZeRO's flat partitions of it gathered
+    before each sync and set back after each load, ds.ZeroCarriedState). ``reset`` runs in the ZeRO-1 test."""
+    carry = ["--optimizer_state", "carry"]
+    _, ddp_dir = _launch(launcher("torchrun", 4), tmp_path / "ddp", ["--workers", "2", "--batch_size", "64", *carry])
     ddp = [x["assembled"] for x in _lines(ddp_dir, 0, "assembled")]
     assert len(ddp) == 3
     proc, zero3_dir = _launch(launcher("deepspeed", 4), tmp_path / "zero3",
                               ["--deepspeed", "--deepspeed_config",
-                               os.path.join(ROOT, "ds_configs", "zero3_fp32_cpu_s2d2.json"), "--workers", "2"])
+                               os.path.join(ROOT, "ds_configs", "zero3_fp32_cpu_s2d2.json"), "--workers", "2", *carry])
     assert "4 processes = S=2 x D=2" in proc.stdout
     assert all([x["assembled"] for x in _lines(zero3_dir, r, "assembled")] == ddp for r in range(4))
     for r in range(4):  # at every round start the partitioned copy's fp32 master (gathered) equals the slices
@@ -141,7 +144,7 @@ def test_deepspeed_zero2_and_zero3_four_processes_two_workers_two_replicas_equal
         assert len(checks) == 3 and all(c["master_matches"] and c["master_copy"] for c in checks)
     proc, run_dir = _launch(launcher("deepspeed", 4), tmp_path / "zero2",
                             ["--deepspeed", "--deepspeed_config",
-                             os.path.join(ROOT, "ds_configs", "zero2_fp32_cpu_s2d2.json"), "--workers", "2"])
+                             os.path.join(ROOT, "ds_configs", "zero2_fp32_cpu_s2d2.json"), "--workers", "2", *carry])
     assert "4 processes = S=2 x D=2" in proc.stdout
 
     def steps(rank):

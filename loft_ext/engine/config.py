@@ -146,7 +146,7 @@ class OutputHparams(Hparams):
     replicas: str = field("ddp", "how the D replicas of a worker train when S x D processes are launched: ddp (each "
                           "rank holds the worker's whole sub-network; gradients all-reduced) or fsdp (the sub-network "
                           "sharded with FSDP2 over the D ranks: parameters, gradients and optimizer state 1/D per "
-                          "rank; needs --optimizer_state reset; docs/fsdp.md); an execution choice, not part of the "
+                          "rank, carried optimizer state too; docs/fsdp.md); an execution choice, not part of the "
                           "run's hash; no-op with D = 1", REPLICA_MODES)
     data_workers: int = field(0, "DataLoader worker processes per rank for the training batches; the batches "
                               "do not depend on it (augmentation is seeded per sample)")

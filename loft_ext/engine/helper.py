@@ -65,7 +65,7 @@ class LoFTConfig(Hparams):
                                      ("optimizer_state", self.optimizer_state, OPTIMIZER_STATE_MODES)):
             if value not in choices:
                 raise ConfigError(f"{name} must be one of {', '.join(choices)} (got {value!r})")
-        check_replicas(self.replicas, self.optimizer_state)
+        check_replicas(self.replicas)
 
 
 @dataclass

@@ -41,6 +41,27 @@ class Worker:
         self.after_load: Callable[[], None] | None = None  # e.g. push values into DeepSpeed's master copy
         self.before_sync: Callable[[], None] | None = None  # e.g. gather FSDP shards into ``model``
         self.sharded = None            # a ShardedReplica (loft_ext.parallel.sharded) under replicas="fsdp"
+        self.zero_state = None         # a ZeroCarriedState (loft_ext.parallel.ds): carried state under ZeRO 1-3
+
+    def live_state(self, name: str) -> dict:
+        """The optimizer's own state of sub-network parameter ``name`` (empty when it has none yet); under
+        FSDP the state of its sharded copy (DTensors of the sub-network's shape)."""
+        if self.optimizer is None:
+            return {}
+        if self.zero_state is not None:  # ZeRO keeps it in flat partitions: the mirror gathered before the sync
+            return self.zero_state.state_mirror.get(name, {})
+        p = self.sharded.param(name) if self.sharded is not None else self.model.get_parameter(name)
+        return self.optimizer.state.get(p, {})
+
+    def state_of(self, name: str) -> dict:
+        """The optimizer state of parameter ``name`` as whole sub-network-shaped tensors, for a sync strategy
+        to read and write: the optimizer's own entry, or under FSDP the replica's mirror of it (gathered
+        before a sync, pushed into the shards after a load: :class:`~loft_ext.parallel.sharded.ShardedReplica`;
+        under ZeRO 1-3 likewise :class:`~loft_ext.parallel.ds.ZeroCarriedState`)."""
+        mirror = self.sharded or self.zero_state
+        if mirror is not None:
+            return mirror.state_mirror.setdefault(name, {})
+        return self.optimizer.state[self.model.get_parameter(name)]
 
 
 class LoFTEngine:
@@ -64,7 +85,7 @@ class LoFTEngine:
             raise ConfigError(f"optimizer_state must be one of {OPTIMIZER_STATE_MODES}, got {optimizer_state!r}")
         if strategy not in STRATEGIES:
             raise ConfigError(f"sync strategy must be one of {STRATEGIES}, got {strategy!r}")
-        check_replicas(replicas, optimizer_state)
+        check_replicas(replicas)
         self.full = model
         self.plan = plan
         self.seed = seed
@@ -86,7 +107,8 @@ class LoFTEngine:
             else:
                 self.strategy = (ShardedAllToAllSync if shards else AllToAllSync)(*args, start_round)
             if replicas_ddp:  # False under DeepSpeed: its engine owns the replicas' gradients
-                self.mesh = wrap_replicas(self.workers[0], grid, self.comm, replicas, mixed_precision)
+                self.mesh = wrap_replicas(self.workers[0], grid, self.comm, replicas, mixed_precision,
+                                          carry=optimizer_state == "carry")
             if isinstance(self.strategy, ShardedAllGatherSync):
                 self.workers[0].before_sync = None  # the sync moves shards: no full-parameter gather first
         if make_optimizer is not None:  # e.g. ``lambda params: torch.optim.SGD(params, lr=0.1)``

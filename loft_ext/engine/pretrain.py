@@ -76,7 +76,8 @@ def fsdp_report(engine, rounds: int, steps: int) -> dict:
     gather_elem = 2 if w.sharded.mixed_precision == "bf16" else elem  # the bf16 policy all-gathers bf16
     sub = w.sharded.module  # its DTensors have the sub-network's global shapes (the plain copy is released)
     fp32_groups = [m for m in sub.modules() if keeps_fp32(m)] if w.sharded.mixed_precision != "no" else []
-    per = analytic.fsdp_step_bytes(sub, shard_units(sub), engine.grid.replicas, gather_elem, elem, fp32_groups)
+    per = analytic.fsdp_step_bytes(sub, shard_units(sub), engine.grid.replicas, gather_elem, elem, fp32_groups,
+                                   state_copies=1 if engine.optimizer_state == "carry" else 0)
     if isinstance(engine.strategy, ShardedAllGatherSync):  # the sync moves shards: no full_tensor() gather
         per["round_bytes_sent"] = 0.0
     return {"note": "analytic only: FSDP's all-gathers and reduce-scatters do not go through loft_ext's Comm",
@@ -143,7 +144,7 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
         if ds_hp is not None and ds_hp.deepspeed:
             raise ConfigError("--replicas fsdp and --deepspeed both shard the replicas; choose one (drop "
                               "--replicas fsdp, or --deepspeed and its config)")
-        check_replicas(out_hp.replicas, optimizer_state)
+        check_replicas(out_hp.replicas)
     if ds_hp is not None and ds_hp.deepspeed:
         try:  # the config is checked first, so its mistakes are reported even in a single process
             ds_cfg = ds.load_ds_config(ds_hp.deepspeed_config, data_hp.batch_size, replicas if world > 1 else None)
@@ -155,9 +156,6 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
         if world == 1:
             raise ConfigError("--deepspeed needs one process per worker: launch with "
                               f"`deepspeed --num_gpus {workers} recipes/loft_timm.py --deepspeed ...`")
-        if optimizer_state == "carry" and ds_cfg.get("zero_optimization", {}).get("stage", 0) > 0:
-            raise ConfigError("--optimizer_state carry needs zero_optimization.stage 0 under DeepSpeed (ZeRO "
-                              "keeps optimizer state in flat partitions); use reset or a stage-0 config")
         if ds.zero_stage(ds_cfg) == 3 and ds_hp.ds_clip == "separate" and float(ds_cfg["gradient_clipping"]) > 0:
             raise ConfigError("--ds_clip separate clips each worker's gradients between backward and step, which "
                               "ZeRO-3 keeps partitioned; use --ds_clip joint (DeepSpeed clips) or gradient_clipping 0")
@@ -235,7 +233,7 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
         if ds_cfg is not None:  # DeepSpeed all-reduces gradients over the mpu's data group
             clip_norm = ds.wrap_worker(w, lambda ps: torch.optim.SGD(ps, lr=train_hp.lr, momentum=train_hp.momentum,
                                                                       weight_decay=train_hp.weight_decay),
-                                       ds_cfg, LoftMPU(grid), ds_hp.ds_clip)
+                                       ds_cfg, LoftMPU(grid), ds_hp.ds_clip, carry=optimizer_state == "carry")
     step_fn = functools.partial(local_step, autocast=accelerator.autocast, memory_format=memory_format,
                                 clip_norm=clip_norm)
     d_index = grid.data_index if grid else 0

@@ -144,15 +144,18 @@ def _shard_numel(shape: tuple[int, ...], replicas: int, d: int) -> int:
     return max(0, min(c, shape[0] - d * c)) * (math.prod(shape) // shape[0] if shape[0] else 0)
 
 
-def sharded_allgather_round_bytes(model, plan, world: int, replicas: int, elem: int) -> dict[str, float]:
+def sharded_allgather_round_bytes(model, plan, world: int, replicas: int, elem: int,
+                                  state_copies: int = 0) -> dict[str, float]:
     """Bytes one rank sends per round under ``allgather`` with FSDP-sharded replicas
     (:mod:`loft_ext.parallel.shard_sync`): ``filter_gather`` (its shard of the split slices, all-gathered
     over the filter group, padded to the largest shard of any worker), ``shared_params`` (its shard of the
     shared parameters all-reduced over the filter group), ``shared_buffers`` (shared floating buffers
-    all-reduced over the grid) and ``shard_gather`` (the D shards put together over the data group)."""
+    all-reduced over the grid) and ``shard_gather`` (the D shards put together over the data group). With
+    ``state_copies`` every parameter's per-entry state is sharded and moved like the parameter."""
     S, D = plan.workers, replicas
     tensors = [(n, tuple(t.shape), isinstance(t, nn.Parameter)) for n, t in
                list(model.named_parameters()) + list(model.named_buffers()) if t.is_floating_point()]
+    tensors += [(n, shape, True) for n, shape, is_param in tensors if is_param] * state_copies
     split = [(n, shape) for n, shape, _ in tensors if n in plan.tensor_dims]
     longest = max(sum(_shard_numel(_worker_shape(plan, n, shape, t), D, e) for n, shape in split)
                   for t in range(S) for e in range(D))
@@ -222,11 +225,11 @@ def rank_bytes(model, plan, layout, rank: int, strategy: str, rounds: int, steps
                     sync.inter_sent += out if far else 0.0
                     sync.inter_received += into if far else 0.0
         params = sum(p.numel() for n, p in model.named_parameters() if n not in plan.tensor_dims)
-        chunk = -(-params // D) * elem
+        chunk = -(-params * (1 + state_copies) // D) * elem
         shared_filter = 2 * (plan.workers - 1) / plan.workers * chunk if plan.workers > 1 else 0.0
         shard.ring((D - 1) * chunk * rounds, data_ranks, rank, nodes)
     elif sharded:
-        parts = sharded_allgather_round_bytes(model, plan, world, layout.replicas, elem)
+        parts = sharded_allgather_round_bytes(model, plan, world, layout.replicas, elem, state_copies)
         sync.ring(parts["filter_gather"] * rounds, filter_ranks, rank, nodes)
         shared_filter, shared = parts["shared_params"], parts["shared_buffers"]
         shard.ring(parts["shard_gather"] * rounds, data_ranks, rank, nodes)
@@ -264,7 +267,7 @@ def rank_bytes(model, plan, layout, rank: int, strategy: str, rounds: int, steps
 
 
 def fsdp_step_bytes(subnet: nn.Module, units: list[nn.Module], replicas: int, param_elem: int,
-                    reduce_elem: int, fp32_groups: list[nn.Module] = ()) -> dict:
+                    reduce_elem: int, fp32_groups: list[nn.Module] = (), state_copies: int = 0) -> dict:
     """Bytes one rank sends in FSDP2's own collectives (``--replicas fsdp``; not counted by ``Comm``),
     from the worker's sub-network and the blocks sharded one by one (``units``; the rest is the root).
 
@@ -272,7 +275,8 @@ def fsdp_step_bytes(subnet: nn.Module, units: list[nn.Module], replicas: int, pa
     ceil(n0 / D) * (numel / n0) entries; a ring all-gather or reduce-scatter of a shard sends (D-1)
     shards. Per step: every group's parameters all-gathered for forward, the blocks' again for backward
     (they are resharded after forward; the root is not), every gradient reduce-scattered. Per round: the
-    full parameters all-gathered once (``DTensor.full_tensor``, fp32) before the sync. ``fp32_groups``:
+    full parameters all-gathered once (``DTensor.full_tensor``, fp32) before the sync, and with
+    ``state_copies`` their per-entry optimizer state as well. ``fp32_groups``:
     modules sharded as groups of their own that keep fp32 parameters under a bf16 policy (BatchNorms,
     :func:`loft_ext.parallel.sharded.keeps_fp32`): all-gathered in fp32 for forward and again for backward."""
     if replicas == 1:
@@ -290,4 +294,5 @@ def fsdp_step_bytes(subnet: nn.Module, units: list[nn.Module], replicas: int, pa
     gathers = (all_shards - fp32_shards + unit_shards) * param_elem + 2 * fp32_shards * reduce_elem
     step = (replicas - 1) * (gathers + all_shards * reduce_elem)
     full_elem = params[0].element_size() if params else 4
-    return {"step_bytes_sent": float(step), "round_bytes_sent": float((replicas - 1) * all_shards * full_elem)}
+    return {"step_bytes_sent": float(step),
+            "round_bytes_sent": float((replicas - 1) * all_shards * full_elem * (1 + state_copies))}

@@ -212,10 +212,83 @@ def push_values(engine) -> None:
         safe_set_full_fp32_param(p, p.detach().clone().float())
 
 
-def wrap_worker(worker, make_optimizer, cfg: dict, mpu: LoftMPU, clip: str) -> float:
+class ZeroCarriedState:
+    """Carried optimizer state (``--optimizer_state carry``) under ZeRO 1-3, where the optimizer keeps it in
+    flat fp32 partitions over the worker's D replicas: a mirror of it by parameter name, in each parameter's
+    shape, for the sync strategy to read and write (:meth:`loft_ext.engine.loft.Worker.state_of`).
+    :meth:`gather` (before a sync) assembles every state tensor with DeepSpeed's
+    ``safe_get_full_optimizer_state`` (an all-reduce over the worker's replicas, DeepSpeed-side like its
+    gradient all-reduce); :meth:`push` (after a load) writes the sliced state back into this rank's
+    partition with ``safe_set_full_optimizer_state`` (no communication) and empties the mirror."""
+
+    def __init__(self, engine, params: dict[str, nn.Parameter]):
+        self.engine, self.params = engine, params  # the parameters DeepSpeed wraps, by sub-network name
+        self.state_mirror: dict[str, dict[str, torch.Tensor]] = {}
+
+    def _partitions(self) -> list[torch.Tensor]:
+        zero = self.engine.optimizer  # ZeRO-1/2 and ZeRO-3 name their flat fp32 partitions differently
+        return list(getattr(zero, "single_partition_of_fp32_groups", None) or zero.fp32_partitioned_groups_flat)
+
+    def _client_state(self) -> dict:
+        return self.engine.optimizer.optimizer.state
+
+    def _keys(self) -> list[str]:
+        """Per-entry state keys (SGD's momentum_buffer): equal on every rank, which all step alike."""
+        state = self._client_state()
+        return sorted({key for flat in self._partitions() for key, v in state.get(flat, {}).items()
+                       if torch.is_tensor(v) and v.shape == flat.shape})
+
+    @torch.no_grad()
+    def gather(self) -> None:
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        self.state_mirror = {}
+        for key in self._keys():
+            for name, p in self.params.items():
+                value = safe_get_full_optimizer_state(p, key)
+                if value is not None:
+                    self.state_mirror.setdefault(name, {})[key] = value.reshape(p.ds_shape if hasattr(p, "ds_shape")
+                                                                                else p.shape).clone()
+
+    def _link(self, keys: set[str]) -> None:
+        """Give every partition the state ``keys`` (zeros where missing: before the first step, as after a
+        resume) and make DeepSpeed map each parameter's fragment of them: ZeRO-1/2 link those views once,
+        after their first step, and safe_set_full_optimizer_state needs them."""
+        zero, state = self.engine.optimizer, self._client_state()
+        missing = False
+        for flat in self._partitions():
+            for key in keys:
+                if key not in state[flat]:
+                    state[flat][key] = torch.zeros_like(flat)
+                    missing = True
+        if hasattr(zero, "_hp_optimizer_states_linked") and (missing or not zero._hp_optimizer_states_linked):
+            zero._hp_optimizer_states_linked = False
+            zero._lazy_init_hp_params_optimizer_state()
+
+    @torch.no_grad()
+    def push(self) -> None:
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        keys = {key for state in self.state_mirror.values() for key in state}
+        if keys:
+            self._link(keys)
+        for name, state in self.state_mirror.items():
+            for key, value in state.items():
+                safe_set_full_optimizer_state(self.params[name], value.float(), key)
+        self.state_mirror = {}
+
+
+def _chain(*hooks):
+    hooks = [h for h in hooks if h is not None]
+    return (lambda: [h() for h in hooks]) if hooks else None
+
+
+def wrap_worker(worker, make_optimizer, cfg: dict, mpu: LoftMPU, clip: str, carry: bool = False) -> float:
     """Give a LoFT worker its DeepSpeedEngine, wired for the round: ZeRO 0-2 wrap the worker's sub-network
     itself (the round's slices are pushed into the master copy after each load); ZeRO-3 wraps a
-    :class:`ZeroThreeReplica` copy (pushed after each load, pulled before each sync).
+    :class:`ZeroThreeReplica` copy (pushed after each load, pulled before each sync). ``carry`` with ZeRO
+    1-3: the optimizer state goes through a :class:`ZeroCarriedState` mirror (gathered before each sync,
+    pushed after each load); at ZeRO 0 the client optimizer's own state is read in place.
     ``make_optimizer(params)`` builds the client optimizer (ZeRO 0-2 keep one already attached); returns
     the norm loft_ext clips to between backward and step (``clip="separate"``), else 0."""
     if zero_stage(cfg) == 3:
@@ -224,9 +297,15 @@ def wrap_worker(worker, make_optimizer, cfg: dict, mpu: LoftMPU, clip: str) -> f
         worker.ds_engine, _, clip_norm = initialize(zero3.module, worker.optimizer, cfg, mpu, clip)
         zero3.engine = worker.ds_engine
         worker.after_load, worker.before_sync = zero3.push, zero3.pull
+        params = dict(zero3.module.named_parameters())
     else:  # the optimizer a loop attached over the sub-network, if any
         if worker.optimizer is None:
             worker.optimizer = make_optimizer(worker.model.parameters())
         worker.ds_engine, _, clip_norm = initialize(worker.model, worker.optimizer, cfg, mpu, clip)
         worker.after_load = lambda e=worker.ds_engine: push_values(e)
+        params = dict(worker.model.named_parameters())
+    if carry and zero_stage(cfg) > 0:
+        worker.zero_state = ZeroCarriedState(worker.ds_engine, params)
+        worker.after_load = _chain(worker.after_load, worker.zero_state.push)
+        worker.before_sync = _chain(worker.before_sync, worker.zero_state.gather)
     return clip_norm

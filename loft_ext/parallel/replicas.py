@@ -8,7 +8,8 @@ like every other collective.
 
 FSDP: the worker's sub-network sharded over the mesh's ``"shard"`` dimension
 (:class:`~loft_ext.parallel.sharded.ShardedReplica`); gradients are reduce-scattered by FSDP itself (not
-counted by ``Comm``; see :func:`loft_ext.parallel.analytic.fsdp_step_bytes`).
+counted by ``Comm``; see :func:`loft_ext.parallel.analytic.fsdp_step_bytes`). Carried optimizer state
+(``--optimizer_state carry``) is sharded like the parameters and moves with them.
 """
 from __future__ import annotations
 
@@ -20,14 +21,10 @@ from ..errors import ConfigError
 REPLICA_MODES = ("ddp", "fsdp")
 
 
-def check_replicas(replicas: str, optimizer_state: str) -> None:
-    """The replica modes and the combinations that are not built yet, as one-line errors."""
+def check_replicas(replicas: str) -> None:
+    """An unknown replica mode as a one-line error."""
     if replicas not in REPLICA_MODES:
         raise ConfigError(f"--replicas must be one of {', '.join(REPLICA_MODES)} (got {replicas!r})")
-    if replicas == "fsdp" and optimizer_state == "carry":
-        raise ConfigError("--replicas fsdp cannot carry optimizer state across rounds yet (--optimizer_state "
-                          "carry, implied by --method dense/earlybird): use --optimizer_state reset, or "
-                          "--replicas ddp")
 
 
 def _counting_mean_hook(state, bucket):
@@ -51,10 +48,11 @@ def ddp_replicas(model: nn.Module, grid, comm) -> nn.Module:
     return ddp
 
 
-def wrap_replicas(worker, grid, comm, replicas: str = "ddp", mixed_precision: str = "no"):
+def wrap_replicas(worker, grid, comm, replicas: str = "ddp", mixed_precision: str = "no", carry: bool = False):
     """Set ``worker.module`` to what the loop trains for this rank's D replicas; returns the grid's
     ``DeviceMesh`` when one was built (FSDP with D > 1), else None. With D = 1 both modes leave the bare
-    sub-network: there is nothing to replicate or shard."""
+    sub-network: there is nothing to replicate or shard. ``carry``: the sync reads the optimizer state
+    (under FSDP it is gathered with the parameters before the sync and pushed into the shards after a load)."""
     if grid is None or grid.replicas == 1:
         worker.module = worker.model
         return None
@@ -67,8 +65,12 @@ def wrap_replicas(worker, grid, comm, replicas: str = "ddp", mixed_precision: st
     mesh = build_mesh(grid, "fsdp")
     worker.sharded = ShardedReplica(worker.model, mesh["shard"], mixed_precision)
     worker.module = worker.sharded.module
-    worker.before_load, worker.after_load = worker.sharded.materialize, worker.sharded.load
-    worker.before_sync = worker.sharded.gather
+    sharded = worker.sharded
+    worker.before_load, worker.after_load = sharded.materialize, lambda: sharded.load(worker.optimizer)
+    if carry:
+        worker.before_sync = lambda: (sharded.gather(), sharded.gather_state(worker.optimizer))
+    else:
+        worker.before_sync = sharded.gather
     return mesh
 
 

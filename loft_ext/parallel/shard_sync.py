@@ -20,8 +20,10 @@ gather adds what FSDP's round-end all-gather moved before, for every worker's sl
 placed within a node, only the filter axis crosses nodes. Shared parameters are a mean of S values here
 and of S x D (pairwise equal) values under DDP: the two agree to float rounding, not bit for bit.
 
-Carried optimizer state is refused under fsdp (:func:`loft_ext.parallel.replicas.check_replicas`), so
-only weights and buffers move.
+With ``optimizer_state=carry`` every per-entry state tensor (SGD momentum, Adam's moments) is sharded like
+its parameter (the optimizer is built over the shards) and moves with it in 2-4: this rank's shard of it,
+read from the optimizer's DTensor state; every rank ends the round with the full-size carried state (as it
+ends with the full model), and the next load hands each shard back (:meth:`ShardedReplica.load_state`).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import math
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 from ..partition.subnet import slice_indices, write_slice
 from .sharded import shard_of, shard_shape
@@ -42,10 +45,15 @@ def join_shards(pieces: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Ten
 class ShardedAllGatherSync(AllGatherSync):
     """``allgather`` where rank (s, d) moves only shard d over the filter axis (module docstring)."""
 
-    def _piece(self, name: str) -> torch.Tensor:
-        """This rank's shard of tensor ``name``: the trained FSDP local shard of a parameter, the dim-0
-        chunk of a buffer (equal on the D replicas once averaged)."""
+    def _piece(self, name: str, key: str = "") -> torch.Tensor:
+        """This rank's shard of tensor ``name`` (or of its optimizer state ``key``): the trained FSDP local
+        shard of a parameter or of its state, the dim-0 chunk of a buffer (equal on the D replicas once
+        averaged)."""
         t = self.w.slicer.sub_tensors[name]
+        if key:
+            value = self.w.live_state(name)[key]
+            return (value.to_local() if isinstance(value, DTensor)
+                    else shard_of(value, self.grid.replicas, self.grid.data_index)).reshape(-1)
         if isinstance(t, nn.Parameter):
             return self.w.sharded.local_shard(name).reshape(-1)
         return shard_of(t, self.grid.replicas, self.grid.data_index).reshape(-1)
@@ -56,26 +64,25 @@ class ShardedAllGatherSync(AllGatherSync):
         self.average_split_buffers_over_replicas()
         S, D, me = self.plan.workers, self.grid.replicas, self.w.index
         sub, full = self.w.slicer.sub_tensors, self.w.slicer.full_tensors
-        split = [n for n, _ in self.items(split=True, state=False)]
-        shapes = [[self.plan.narrow_shape(n, self.full_shapes[n], self.units[t]) for n in split] for t in range(S)]
+        split = self.items(split=True)  # with carry, every parameter's per-entry state after it
+        shapes = [[self.plan.narrow_shape(n, self.full_shapes[n], self.units[t]) for n, _ in split] for t in range(S)]
         pieces = [[[shard_shape(s, D, e) for s in shapes[t]] for e in range(D)] for t in range(S)]
         sizes = [[sum(math.prod(s) for s in pieces[t][e]) for e in range(D)] for t in range(S)]
         longest = max(max(row) for row in sizes)
-        ref = sub[split[0]]
-        mine = _pack([self._piece(n) for n in split], longest, out=self.buffers.get("send", longest, ref))
+        ref = sub[split[0][0]]
+        mine = _pack([self._piece(*it) for it in split], longest, out=self.buffers.get("send", longest, ref))
         gathered = self.buffers.get("gathered", S * longest, ref)
         self.comm.all_gather(gathered, mine, group=self.grid.filter_group)
 
-        shared = [n for n in self.w.slicer.shared_names
-                  if isinstance(sub[n], nn.Parameter) and sub[n].is_floating_point()]
-        shared_pieces = [[shard_shape(self.full_shapes[n], D, e) for n in shared] for e in range(D)]
+        shared = [it for it in self.items(split=False) if isinstance(sub[it[0]], nn.Parameter)]
+        shared_pieces = [[shard_shape(self.full_shapes[n], D, e) for n, _ in shared] for e in range(D)]
         shared_sizes = [sum(math.prod(s) for s in row) for row in shared_pieces]
         shared_longest = max(shared_sizes)
         block = S * longest + shared_longest
         send = self.buffers.get("shard_send", block, ref)
         send[:S * longest].copy_(gathered)
         if shared:
-            means = _pack([self._piece(n) for n in shared], shared_longest, out=send[S * longest:])
+            means = _pack([self._piece(*it) for it in shared], shared_longest, out=send[S * longest:])
             self.comm.all_reduce(means, group=self.grid.filter_group)
             if S > 1:
                 means.div_(S)
@@ -86,22 +93,24 @@ class ShardedAllGatherSync(AllGatherSync):
         for t in range(S):
             per_shard = [_unpack(everything[e * block + t * longest:e * block + t * longest + sizes[t][e]],
                                  pieces[t][e]) for e in range(D)]
-            for i, name in enumerate(split):
+            for i, (name, key) in enumerate(split):
                 whole = join_shards([per_shard[e][i] for e in range(D)], shapes[t][i])
-                write_slice(full[name], whole, slice_indices(self.plan, part, name, self.full_shapes[name], t))
-                if t == me and not isinstance(sub[name], nn.Parameter):  # the plain parameters are released
+                write_slice(self.full_item(name, key), whole,
+                            slice_indices(self.plan, part, name, self.full_shapes[name], t))
+                if t == me and not key and not isinstance(sub[name], nn.Parameter):  # the plain parameters are released
                     sub[name].copy_(whole)
         start = S * longest
         per_shard = [_unpack(everything[e * block + start:e * block + start + shared_sizes[e]], shared_pieces[e])
                      for e in range(D)]
-        for i, name in enumerate(shared):
-            full[name].copy_(join_shards([per_shard[e][i] for e in range(D)], self.full_shapes[name]))
+        for i, (name, key) in enumerate(shared):
+            self.full_item(name, key).copy_(join_shards([per_shard[e][i] for e in range(D)], self.full_shapes[name]))
         for (name, _), mean in self.average_shared(params=False):
             full[name].copy_(mean)
             sub[name].copy_(mean)
         for name in self.w.slicer.shared_names:  # integer counters: equal everywhere
             if not full[name].is_floating_point():
                 full[name].copy_(sub[name])
+        self.keep_scalar_state()
 
 
 class ShardedAllToAllSync(AllToAllSync):

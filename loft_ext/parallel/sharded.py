@@ -101,11 +101,19 @@ class ShardedReplica:
         self._plain_buffers = dict(model.named_buffers())
         self._sharded_params = dict(self.module.named_parameters())
         self._layouts: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}  # released plain parameters
+        # carried optimizer state as whole sub-network-shaped tensors, by parameter name: what a sync strategy
+        # reads (after gather) and writes (before load); empty while the round trains on the shards
+        self.state_mirror: dict[str, dict[str, torch.Tensor]] = {}
+
+    def param(self, name: str) -> nn.Parameter:
+        """The sharded copy of sub-network parameter ``name`` (the optimizer's key for its state)."""
+        return self._sharded_params[name]
 
     @torch.no_grad()
-    def load(self) -> None:
+    def load(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Every local shard from the plain sub-network (this rank's dim-0 chunk; FSDP2 chunks like
-        ``torch.chunk``), and the buffers."""
+        ``torch.chunk``), and the buffers; with ``optimizer``, the mirrored optimizer state too
+        (:meth:`load_state`)."""
         for name, p in self.module.named_parameters():
             local = p.to_local() if isinstance(p, DTensor) else p
             full = self._plain_params[name]
@@ -116,7 +124,30 @@ class ShardedReplica:
             local.copy_(chunk)
         for name, b in self.module.named_buffers():
             b.copy_(self._plain_buffers[name])
+        if optimizer is not None:
+            self.load_state(optimizer)
         self.release()
+
+    @torch.no_grad()
+    def load_state(self, optimizer: torch.optim.Optimizer) -> None:
+        """This rank's chunk of every mirrored per-entry state tensor into the optimizer's state of the sharded
+        parameter (a DTensor laid out like the parameter; created when the optimizer has none yet, as after a
+        resume); other state (Adam's step) as it is. No communication; the mirror is emptied."""
+        for name, state in self.state_mirror.items():
+            p = self._sharded_params[name]
+            dest = optimizer.state[p]
+            for key, value in state.items():
+                if not (isinstance(p, DTensor) and value.dim() > 0 and tuple(value.shape) == tuple(p.shape)):
+                    dest[key] = value.clone()
+                    continue
+                chunk = self._chunk(value, p)
+                old = dest.get(key)
+                if isinstance(old, DTensor) and old.to_local().shape == chunk.shape:
+                    old.to_local().copy_(chunk)
+                else:
+                    dest[key] = DTensor.from_local(chunk.clone(), p.device_mesh, p.placements, run_check=False,
+                                                   shape=p.shape, stride=p.stride())
+        self.state_mirror = {}
 
     def release(self) -> None:
         """Free the plain copy's parameter storage once the shards hold the round's values: during the round
@@ -141,6 +172,17 @@ class ShardedReplica:
         """This rank's shard of parameter ``name`` (the trained values)."""
         p = self._sharded_params[name]
         return p.to_local() if isinstance(p, DTensor) else shard_of(p, self.mesh.size(), self.mesh.get_local_rank())
+
+    @torch.no_grad()
+    def gather_state(self, optimizer: torch.optim.Optimizer) -> None:
+        """Every optimizer state tensor of the sharded parameters, whole (``DTensor.full_tensor``: an
+        all-gather over the shard mesh, like the parameters'), into :attr:`state_mirror`."""
+        self.state_mirror = {}
+        for name, p in self._sharded_params.items():
+            for key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value):
+                    whole = value.full_tensor() if isinstance(value, DTensor) else value.clone()
+                    self.state_mirror.setdefault(name, {})[key] = whole
 
     @torch.no_grad()
     def gather(self, params: bool = True) -> None:

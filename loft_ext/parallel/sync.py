@@ -42,12 +42,12 @@ def load_optimizer_slices(w, part: Partition, plan, opt_state: dict, mode: str) 
     if mode == "reset" or not opt_state:
         w.optimizer.state.clear()
         return
-    for p, name in w.param_names.items():
+    for name in w.param_names.values():
         full_state = opt_state.get(name)
         if full_state is None:
             continue
         idx = w.slicer.indices(part, name) if name in plan.tensor_dims else []
-        state = w.optimizer.state[p]
+        state = w.state_of(name)  # under FSDP a mirror the replica pushes into its shards after the load
         full_shape = w.slicer.full_tensors[name].shape
         for key, value in full_state.items():
             per_entry = value.dim() > 0 and value.shape == full_shape
@@ -183,6 +183,7 @@ class _Strategy(_OptStateOwner):
         self.optimizer_state, self.draw = optimizer_state, draw
         self.opt_state: dict[str, dict[str, torch.Tensor]] = {}
         self.full_shapes = {n: tuple(t.shape) for n, t in self.w.slicer.full_tensors.items()}
+        self.sub_shapes = {n: tuple(t.shape) for n, t in self.w.slicer.sub_tensors.items()}
         self.units = [self.plan.units_of(t) for t in range(self.plan.workers)]  # fixed for the whole run
         self.buffers = _Buffers()
         dtypes = {t.dtype for t in self.w.slicer.sub_tensors.values() if t.is_floating_point()}
@@ -200,14 +201,13 @@ class _Strategy(_OptStateOwner):
                 continue
             out.append((name, ""))
             if state and self.optimizer_state == "carry" and isinstance(t, nn.Parameter) and self.w.optimizer:
-                for key, v in self.w.optimizer.state.get(t, {}).items():
-                    if torch.is_tensor(v) and v.dim() > 0 and v.shape == t.shape:
+                for key, v in self.w.live_state(name).items():
+                    if torch.is_tensor(v) and v.dim() > 0 and tuple(v.shape) == self.sub_shapes[name]:
                         out.append((name, key))
         return out
 
     def sub_item(self, name: str, key: str) -> torch.Tensor:
-        t = self.w.slicer.sub_tensors[name]
-        return t if not key else self.w.optimizer.state[t][key]
+        return self.w.slicer.sub_tensors[name] if not key else self.w.state_of(name)[key]
 
     def average_split_buffers_over_replicas(self) -> None:
         """D replicas hold identical weights but saw different batches: average their BN statistics."""
@@ -253,9 +253,9 @@ class _Strategy(_OptStateOwner):
         """Optimizer state that is not per entry (Adam's step) is equal on every worker: keep ours."""
         if self.optimizer_state != "carry":
             return
-        for p, name in self.w.param_names.items():
-            for key, v in self.w.optimizer.state.get(p, {}).items():
-                if torch.is_tensor(v) and (v.dim() == 0 or v.shape != p.shape):
+        for name in self.w.param_names.values():
+            for key, v in self.w.live_state(name).items():
+                if torch.is_tensor(v) and (v.dim() == 0 or tuple(v.shape) != self.sub_shapes[name]):
                     self.opt_state.setdefault(name, {})[key] = v.clone()
 
 
@@ -270,9 +270,9 @@ class AllGatherSync(_Strategy):
         if not key:
             return self.w.slicer.full_tensors[name]
         state = self.opt_state.setdefault(name, {})
-        if key not in state:
-            state[key] = torch.zeros(self.full_shapes[name], dtype=self.sub_item(name, key).dtype,
-                                     device=self.sub_item(name, key).device)
+        if key not in state:  # per-entry state has its parameter's dtype and device
+            full = self.w.slicer.full_tensors[name]
+            state[key] = torch.zeros(self.full_shapes[name], dtype=full.dtype, device=full.device)
         return state[key]
 
     @torch.no_grad()
@@ -345,16 +345,14 @@ class AllToAllSync(_Strategy):
         for (name, key), slab in self.slabs.items():
             rest = self._own_idx(part, name)[1:]
             if key:
-                if reset:
-                    continue
-                p = self.w.slicer.sub_tensors[name]
-                self.w.optimizer.state[p][key] = read_slice(slab, rest).clone()
+                if not reset:
+                    self.w.state_of(name)[key] = read_slice(slab, rest).clone()
             else:
                 self.w.slicer.sub_tensors[name].copy_(read_slice(slab, rest))
         if not reset:
-            for p, name in self.w.param_names.items():
+            for name in self.w.param_names.values():
                 for key, v in self.opt_state.get(name, {}).items():
-                    self.w.optimizer.state[p][key] = v.clone()
+                    self.w.state_of(name)[key] = v.clone()
 
     def _rows(self, name: str, units: torch.Tensor, among: torch.Tensor) -> torch.Tensor:
         """Positions along the first split dim, inside a slab laid out for ``among``, of ``units``."""
