@@ -159,7 +159,17 @@ def main() -> None:
     procs = [ctx.Process(target=worker, args=(r, world, port, args, queue)) for r in range(world)]
     for p in procs:
         p.start()
-    got = [queue.get() for _ in range(world)]
+    got = []
+    while len(got) < world:  # a rank that dies before reporting must end the run, not hang it
+        if not queue.empty():
+            got.append(queue.get())
+        elif any(p.exitcode not in (None, 0) for p in procs):
+            for p in procs:
+                p.kill()
+            raise SystemExit(f"a rank exited with code {[p.exitcode for p in procs]} before reporting (its "
+                             "traceback is above)")
+        else:
+            time.sleep(0.05)
     for p in procs:
         p.join()
         if p.exitcode != 0:

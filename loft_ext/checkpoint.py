@@ -9,6 +9,8 @@ safetensors and metadata with JSON, so loading never executes pickled code.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -51,6 +53,18 @@ def write_json_atomic(path: str, obj) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_path(os.path.dirname(os.path.abspath(path)))
+
+
+@contextlib.contextmanager
+def file_lock(path: str):
+    """An exclusive advisory lock on ``path`` (created if missing) for a read-modify-write of a file that
+    several processes may update at once (two pipelines drawing tickets from one pretraining)."""
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def _files_under(folder: str) -> list[str]:

@@ -23,8 +23,8 @@ TICKET_JOB_TYPE = "ticket"
 MARKER = "wandb_ticket_run.txt"  # in the ticket directory: its W&B run was logged (not again on a rerun)
 
 # identical for every ticket, so the runs table groups by any of them
-TICKET_CONFIG_KEYS = ("method", "model", "dataset", "seed", "S", "L", "D", "ticket", "scope", "score", "ratio",
-                      "rewind", "finetune_epochs", "detector", "pretrain_run")
+TICKET_CONFIG_KEYS = ("method", "model", "dataset", "seed", "S", "L", "D", "optimizer_state", "ticket", "scope",
+                      "score", "ratio", "rewind", "finetune_epochs", "oneshot_bn_batches", "detector", "pretrain_run")
 TICKET_SUMMARY_KEYS = ("params", "kept_params", "flops", "kept_flops", "flop_ratio", "speedup",
                        "oneshot_test_acc", "test_acc", "pretrain_test_acc",
                        "pretrain_bytes", "finetune_bytes", "total_bytes",
@@ -55,10 +55,11 @@ def file_sha256(path: str) -> str:
 
 
 def ticket_config(row: dict, *, dataset: str, seed: int, rewind: str, finetune_epochs: int,
-                  pretrain_run: str) -> dict:
-    """The ticket run's config: the row's settings plus what the row does not hold."""
+                  pretrain_run: str, oneshot_bn_batches: int | None = None) -> dict:
+    """The ticket run's config: the row's settings plus what the row does not hold (``oneshot_bn_batches``:
+    None when the ticket was fine-tuned, which re-estimates BN statistics anyway)."""
     known = {**row, "dataset": dataset, "seed": seed, "rewind": rewind, "finetune_epochs": finetune_epochs,
-             "pretrain_run": pretrain_run}
+             "oneshot_bn_batches": oneshot_bn_batches, "pretrain_run": pretrain_run}
     return {key: known.get(key) for key in TICKET_CONFIG_KEYS}
 
 
@@ -122,7 +123,8 @@ def log_ticket_run(*, project: str, group: str, mode: str, run_dir: str, row: di
 
 
 def log_ticket_runs(finetune_run, rows: list[dict], *, project: str, group: str, mode: str, run_dir: str,
-                    dataset: str, seed: int, rewind: str, finetune_epochs: int) -> list:
+                    dataset: str, seed: int, rewind: str, finetune_epochs: int,
+                    oneshot_bn_batches: int | None = None) -> list:
     """A ticket run for every row whose ticket has none yet (a rerun does not log a ticket twice), then
     the fine-tuning run ``finetune_run`` uses their artifacts. Returns the artifacts."""
     artifacts = []
@@ -130,7 +132,8 @@ def log_ticket_runs(finetune_run, rows: list[dict], *, project: str, group: str,
         if os.path.exists(os.path.join(row["dir"], MARKER)):
             continue
         config = ticket_config(row, dataset=dataset, seed=seed, rewind=rewind, finetune_epochs=finetune_epochs,
-                               pretrain_run=os.path.basename(os.path.normpath(run_dir)))
+                               pretrain_run=os.path.basename(os.path.normpath(run_dir)),
+                               oneshot_bn_batches=oneshot_bn_batches)
         artifacts.append(log_ticket_run(project=project, group=group, mode=mode, run_dir=run_dir, row=row,
                                         config=config, summary=ticket_summary(row)))
     use_tickets(finetune_run, artifacts, mode)

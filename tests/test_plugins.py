@@ -83,9 +83,10 @@ def _check_ticket_runs(run_dir, runs, pretrain, model_name, model_sha):
         assert set(t["config"]) == set(TICKET_CONFIG_KEYS) and set(summary) == set(TICKET_SUMMARY_KEYS)
         assert t["group"] == pretrain["group"] == "resnet18-digits"
         row = rows[ratio]
-        assert {k: t["config"][k] for k in ("method", "dataset", "S", "ticket", "score", "pretrain_run")} == \
+        assert {k: t["config"][k] for k in ("method", "dataset", "S", "ticket", "score", "pretrain_run",
+                                            "optimizer_state", "oneshot_bn_batches")} == \
             {"method": "loft", "dataset": "digits", "S": 2, "ticket": "structured", "score": "l2",
-             "pretrain_run": run_dir.name}
+             "pretrain_run": run_dir.name, "optimizer_state": "carry", "oneshot_bn_batches": None}
         for key in ("kept_params", "params", "kept_flops", "test_acc", "total_bytes", "samples_per_worker",
                     "detector_round", "detector_epoch"):
             assert summary[key] == row[key], key
@@ -129,6 +130,7 @@ def test_plugin_state_survives_save_and_load(model_cache):
     saved = json.loads(json.dumps(first.progress_state()))  # through JSON, as a checkpoint stores it
     second = _loop(base, data, 6, _plugins(), streams=first.streams)
     second.engine.full.load_state_dict(first.engine.full.state_dict())
+    second.engine.strategy.load_state_dict(first.engine.strategy.state_dict())  # the carried momentum
     second.load_progress_state(saved)
     _fit(second)
     assert [p.state_dict() for p in second.plugins] == [p.state_dict() for p in whole.plugins]

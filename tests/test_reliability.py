@@ -330,3 +330,36 @@ def test_same_seed_gives_the_same_tickets_and_metrics_twice(tmp_path):
     assert main([*args[:-4], "--ratios", "0.3", "--finetune_epochs", "1", "--output_dir", str(tmp_path / "first")]) == 0
     rows = json.loads((a / "summary.json").read_text())["ticket_rows"]
     assert sorted(r["ratio"] for r in rows) == [0.3, 0.5, 0.8]
+
+
+def _merge_rows(path: str, worker: int, count: int, start) -> None:
+    from loft_ext.checkpoint import file_lock, write_json_atomic
+
+    start.wait()  # both merge at the same time (unlocked, this run kept only about half the rows)
+    for i in range(count):  # the pipeline's read-merge-write of summary.json's ticket rows
+        with file_lock(path + ".lock"):
+            with open(path) as f:
+                summary = json.load(f)
+            summary["ticket_rows"].append(f"{worker}-{i}")
+            time.sleep(0.001)  # widen the window a lost update needs
+            write_json_atomic(path, summary)
+
+
+def test_concurrent_summary_merges_lose_no_row(tmp_path):
+    """Two pipelines drawing tickets from one pretraining merge their rows into its summary.json at the same
+    time: under the lock every row of both survives (without it, one read-modify-write overwrote the other)."""
+    import multiprocessing
+
+    path = str(tmp_path / "summary.json")
+    with open(path, "w") as f:
+        json.dump({"ticket_rows": []}, f)
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Barrier(2)
+    procs = [ctx.Process(target=_merge_rows, args=(path, w, 40, start)) for w in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    rows = json.load(open(path))["ticket_rows"]
+    assert sorted(rows) == sorted(f"{w}-{i}" for w in range(2) for i in range(40))

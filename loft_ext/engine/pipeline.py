@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..budget import row_budget
-from ..checkpoint import write_json_atomic
+from ..checkpoint import file_lock, write_json_atomic
 from ..data import data_health, load_dataset
 from ..hparams import Hparams, field, hparams_hash
 from ..models import create_model
@@ -228,7 +228,7 @@ def run_pipeline(model_hp, data_hp, loft_hp, train_hp, det_hp, out_hp, ticket_hp
         dense_flops = _forward_flops(model, shape)
         row = {
             "method": loft_hp.method, "model": model_hp.model, "S": pre.get("workers"), "L": pre.get("local_steps"),
-            "D": pre.get("replicas"), "rounds": pre.get("rounds_done"), "epochs": round(pre.get("epochs_done", 0), 2),
+            "D": pre.get("replicas"), "optimizer_state": pre.get("optimizer_state"), "rounds": pre.get("rounds_done"), "epochs": round(pre.get("epochs_done", 0), 2),
             "detector": ",".join(sorted(fired)) or None, "detector_round": min(fired.values()) if fired else None,
             "detector_epoch": min(fired.values()) * epochs_per_round if fired and epochs_per_round else None,
             "ticket": ticket_hp.ticket, "score": score, "ratio": ratio,
@@ -271,17 +271,19 @@ def run_pipeline(model_hp, data_hp, loft_hp, train_hp, det_hp, out_hp, ticket_hp
     if main and wandb_mode != "disabled":  # one W&B run per ticket, while the fine-tuning run is still open
         log_ticket_runs(accelerator.get_tracker("wandb", unwrap=True), rows, project=out_hp.wandb_project,
                         group=out_hp.wandb_group or group, mode=wandb_mode, run_dir=run_dir, dataset=data.name,
-                        seed=train_hp.seed, rewind=ticket_hp.rewind, finetune_epochs=ticket_hp.finetune_epochs)
+                        seed=train_hp.seed, rewind=ticket_hp.rewind, finetune_epochs=ticket_hp.finetune_epochs,
+                        oneshot_bn_batches=ticket_hp.oneshot_bn_batches if ticket_hp.finetune_epochs == 0 else None)
     logger.close()
     if main:
         summary_path = os.path.join(run_dir, "summary.json")
-        with open(summary_path) as f:
-            summary = json.load(f)
-        merged = {r["dir"]: r for r in summary.get("ticket_rows", [])}  # tickets of earlier calls stay
-        merged.update({r["dir"]: r for r in rows})
-        summary["ticket_rows"] = list(merged.values())
-        if not pre.get("skipped"):  # unreadable images of pretraining and fine-tuning
-            summary.update(data_health(data))
-        write_json_atomic(summary_path, summary)
+        with file_lock(summary_path + ".lock"):  # pipelines drawing other tickets may merge at the same time
+            with open(summary_path) as f:
+                summary = json.load(f)
+            merged = {r["dir"]: r for r in summary.get("ticket_rows", [])}  # tickets of earlier calls stay
+            merged.update({r["dir"]: r for r in rows})
+            summary["ticket_rows"] = list(merged.values())
+            if not pre.get("skipped"):  # unreadable images of pretraining and fine-tuning
+                summary.update(data_health(data))
+            write_json_atomic(summary_path, summary)
     say("\n" + format_table(rows))
     return {**pre, "ticket_rows": rows}

@@ -337,7 +337,7 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
     summary = {**metrics, "tickets": loop.state.tickets, "stopped_early": bool(loop.stop_reasons),
                "rounds_done": loop.state.round_index, "epochs_done": loop.state.round_index / rounds_per_epoch,
                "workers": workers, "local_steps": loft_hp.local_steps, "replicas": replicas,
-               "method": loft_hp.method, "sync_bytes_sent": sync.sent if sync else 0.0,
+               "method": loft_hp.method, "optimizer_state": optimizer_state, "sync_bytes_sent": sync.sent if sync else 0.0,
                **pretrain_budget(engine.comm.totals(), loop.state.round_index, loft_hp.local_steps,
                                  data_hp.batch_size, workers, replicas), **data_health(data),
                "wall_s": time.time() - t_start}
