@@ -95,6 +95,7 @@ class StudySpec:
     bn_recalibration_batches: int
     datasets: tuple[DataSpec, ...]
     ticket: str = "structured"   # structured (channel units, L2 score) or unstructured (global weight magnitude)
+    optimizer_state: str = "reset"  # of the LoFT pretrainings (dense ones always carry their momentum)
     wandb_project: str = ""   # set by --wandb: every run logs into this W&B project, one group per cell
 
 
@@ -102,7 +103,7 @@ FULL = StudySpec(
     # the setting of docs/results/pretrain_quality.md (where LoFT's pretraining gap shows) and the regime
     # docs/results/ticket_regimes.md found to separate magnitude tickets from random ones
     model="resnet10t", preset="all", local_steps=4, batch_size=64, lr=0.1, seeds=(0, 1, 2, 3, 4),
-    ratios=(0.98, 0.99), ticket="unstructured", finetune_epochs=1, finetune_lr=0.01, finetune_batch_size=64,
+    ratios=(0.98, 0.99), ticket="unstructured", optimizer_state="carry", finetune_epochs=1, finetune_lr=0.01, finetune_batch_size=64,
     distance_window=5, distance_eps=0.1, earlybird_ratio=0.5, bn_recalibration_batches=8,
     datasets=(
         # a stratified 8,000-image training / 2,000-image test subset at 28x28; 125 batches of 64 per worker
@@ -186,7 +187,9 @@ def hparams_of(spec: StudySpec, task: Task, output_dir: str, data_root: str):
         ModelHparams(model=spec.model, preset=spec.preset),
         DataHparams(dataset=d.dataset, data_dir=data_dir_of(d, data_root), image_size=d.image_size,
                     batch_size=spec.batch_size),
-        LoftHparams(workers=2 if method != "loft" else workers, local_steps=spec.local_steps, method=method),
+        LoftHparams(workers=2 if method != "loft" else workers, local_steps=spec.local_steps, method=method,
+                    # dense runs keep the field's default: the setting does not apply to them
+                    **({"optimizer_state": spec.optimizer_state} if method == "loft" else {})),
         TrainHparams(epochs=d.epochs, rounds=d.rounds, lr=spec.lr, seed=task.seed,
                      bn_recalibration_batches=spec.bn_recalibration_batches),
         DetectorHparams(distance_every=d.detector_every, distance_window=spec.distance_window,
@@ -420,10 +423,11 @@ def _read_jsonl(path: str) -> list[dict]:
 _BYTES_CACHE: dict = {}
 
 
-def sync_bytes_per_round(spec: StudySpec, data: DataSpec, workers: int) -> float:
-    """Bytes one rank sends per round when the S workers are S processes (allgather, fp32, D=1): the
-    analytic count, which the measured count equals exactly (tests/test_distributed.py)."""
-    key = (spec.model, spec.preset, data.dataset, data.image_size, workers)
+def sync_bytes_per_round(spec: StudySpec, data: DataSpec, workers: int, optimizer_state: str = "reset") -> float:
+    """Bytes one rank sends per round when the S workers are S processes (allgather, fp32, D=1; with
+    ``carry`` the momentum moves with its parameter): the analytic count, which the measured count equals
+    exactly (tests/test_distributed.py)."""
+    key = (spec.model, spec.preset, data.dataset, data.image_size, workers, optimizer_state)
     if key not in _BYTES_CACHE:
         import torch
 
@@ -434,7 +438,8 @@ def sync_bytes_per_round(spec: StudySpec, data: DataSpec, workers: int) -> float
         torch.manual_seed(0)
         model = create_model(spec.model, 10, 1)
         plan = make_plan(model, workers, spec.preset, (1, 1, data.image_size, data.image_size), spec.model)
-        _BYTES_CACHE[key] = allgather_round_bytes(model, plan, workers, 4) if workers > 1 else 0.0
+        copies = 1 if optimizer_state == "carry" else 0
+        _BYTES_CACHE[key] = allgather_round_bytes(model, plan, workers, 4, copies) if workers > 1 else 0.0
     return _BYTES_CACHE[key]
 
 
@@ -461,10 +466,14 @@ def collect_run(spec: StudySpec, task: Task, output_dir: str, data_root: str) ->
             curves["window_max_epoch"].append(line["step"] / per_epoch)
             curves["window_max"].append(line["distance/window_max"])
     method, workers = PRETRAININGS[task.pretraining]
-    per_round = sync_bytes_per_round(spec, task.data, workers if method == "loft" else 1)
+    # the run's own optimizer state (summary.json has it since the default became carry; older runs: hparams)
+    hparams_path = os.path.join(run_dir, "hparams.json")
+    state = summary.get("optimizer_state") or (_read_json(hparams_path).get("LoftHparams", {}).get(
+        "optimizer_state", "reset") if os.path.isfile(hparams_path) else "reset")
+    per_round = sync_bytes_per_round(spec, task.data, workers if method == "loft" else 1, state)
     run = {
         "dataset": task.data.name, "budget": task.budget, "pretraining": task.pretraining, "seed": task.seed,
-        "method": method, "S": summary["workers"], "run_dir": os.path.relpath(run_dir, ROOT),
+        "method": method, "S": summary["workers"], "optimizer_state": state, "run_dir": os.path.relpath(run_dir, ROOT),
         "rounds": rounds, "epochs": epochs, "rounds_per_epoch": per_epoch, "stopped_early": summary["stopped_early"],
         "distance_fired_epoch": fired["distance_stop"] / per_epoch if "distance_stop" in fired else None,
         "earlybird_fired_epoch": fired["earlybird"] / per_epoch if "earlybird" in fired else None,
@@ -772,7 +781,10 @@ def write_markdown(spec: StudySpec, result: dict, path: str, smoke: bool, missin
         lines += [f"**Incomplete**: {len(missing)} of {len(missing) + len(runs)} pretraining runs are not "
                   f"finished yet (listed in study.json, `missing_runs`); run the command that wrote it (without the pieces it left out) to continue.", ""]
     lines += ["Setup: " + ", ".join(
-        [f"{spec.model} (preset `{spec.preset}`)", f"L={spec.local_steps}", f"batch {spec.batch_size}",
+        [f"{spec.model} (preset `{spec.preset}`)", f"L={spec.local_steps}",
+         "LoFT optimizer state " + ("/".join(sorted({r.get("optimizer_state") or "?" for r in runs
+                                                     if r["method"] == "loft"})) or "-"),
+         f"batch {spec.batch_size}",
          f"lr {spec.lr} step schedule", f"seeds {','.join(map(str, spec.seeds))}",
          f"{spec.ticket} tickets at r = {', '.join(f'{r:g}' for r in spec.ratios)}",
          f"fine-tuning {spec.finetune_epochs} epochs (lr {spec.finetune_lr}, cosine, batch {spec.finetune_batch_size})",
@@ -888,6 +900,9 @@ def main(argv=None) -> int:
                         "in <output_dir>/results-quick unless --results_dir")
     parser.add_argument("--model", default="", help="another timm model than the study's (e.g. resnet14t, a "
                         "Bottleneck ResNet); results in docs/results/study-<model>/ unless --results_dir")
+    parser.add_argument("--optimizer_state", default="", choices=("", "reset", "carry"),
+                        help="of the LoFT pretrainings (default: the study's, carry: the better LoFT model on "
+                             "resnet10t, docs/results.md 'Pretraining quality')")
     parser.add_argument("--datasets", default="", help="comma-separated subset of the study's data sets")
     parser.add_argument("--seeds", default="", help="comma-separated subset of the seeds")
     parser.add_argument("--budgets", default=",".join(BUDGETS), help="fixed, stop or both")
@@ -915,6 +930,8 @@ def main(argv=None) -> int:
     spec = SMOKE if args.smoke else QUICK if args.quick else FULL
     if args.model:
         spec = dataclasses.replace(spec, model=args.model)
+    if args.optimizer_state:
+        spec = dataclasses.replace(spec, optimizer_state=args.optimizer_state)
     if args.wandb:
         spec = dataclasses.replace(spec, wandb_project=args.wandb_project)
     output_dir = os.path.abspath(args.output_dir or

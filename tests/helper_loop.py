@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
-    p.add_argument("--optimizer_state", default="carry")  # the recipe's default
+    p.add_argument("--optimizer_state", default="reset")  # the recipe's default
     p.add_argument("--sync", default="allgather")
     p.add_argument("--preset", default="paper")
     p.add_argument("--seed", type=int, default=0)

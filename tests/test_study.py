@@ -43,6 +43,16 @@ def test_smoke_study_writes_every_method_and_resumes(tmp_path):
     assert all(c["n"] == 1 and 0 <= c["test_acc_mean"] <= 1 for c in cells)
     assert any(r["method"] == "loft" and r["S"] == 4 for r in study["runs"])
     assert {r["budget"] for r in study["runs"]} == {"fixed", "stop"}
+    # every run carries the momentum (LoFT's default; dense always does): LoFT's sync counts it like the
+    # weights, about twice reset's
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from study import SMOKE, sync_bytes_per_round
+    for r in study["runs"]:
+        assert r["optimizer_state"] == "carry", r
+        if r["method"] == "loft":
+            data = next(d for d in SMOKE.datasets if d.name == r["dataset"])
+            reset = sync_bytes_per_round(SMOKE, data, r["S"], "reset") * r["rounds"]
+            assert 1.8 < r["sync_bytes_per_rank"] / reset <= 2.0
     table = (results / "study.md").read_text()
     assert all(f"| {m} |" in table for m in METHODS) and "## Goals" in table
 

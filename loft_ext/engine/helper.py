@@ -49,9 +49,9 @@ class LoFTConfig(Hparams):
     local_steps: int = field(4, "L: local steps per worker between two syncs (one round)")
     preset: str = field("paper", "channel groups to split: paper or all", PRESETS)
     sync: str = field("allgather", "distributed sync: allgather or alltoall", STRATEGIES)
-    optimizer_state: str = field("carry", "carry: every per-entry optimizer state tensor sliced and written back "
-                                 "like the weights (the recipe's default); reset: optimizer state cleared each "
-                                 "round (the paper)", OPTIMIZER_STATE_MODES)
+    optimizer_state: str = field("reset", "reset: optimizer state cleared each round (the paper); carry: every "
+                                 "per-entry state tensor sliced and written back like the weights",
+                                 OPTIMIZER_STATE_MODES)
     seed: int = field(0, "seed of the per-round partitions")
     replicas: str = field("ddp", "D > 1 replicas of a worker: ddp (each holds the whole sub-network) or fsdp "
                           "(FSDP2-sharded over the D ranks: parameters, gradients and optimizer state 1/D per "
