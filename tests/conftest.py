@@ -38,6 +38,15 @@ def launcher(name: str, nproc: int) -> list[str]:
     raise ValueError(f"unknown launcher {name!r}")
 
 
+def shm_left_behind(cmd: list[str]) -> list[str]:
+    """DeepSpeed CPU shared-memory segments still in /dev/shm from the launch ``cmd`` (by its rendezvous port):
+    loft_ext unlinks them (loft_ext.parallel.ds.release_shm_workspace); left behind they fill the RAM."""
+    port = cmd[cmd.index("--master_port") + 1] if "--master_port" in cmd else cmd[cmd.index("--main_process_port") + 1]
+    shm = "/dev/shm"
+    return [n for n in os.listdir(shm) if n.startswith("deepspeed_allreduce_buffer_") and f"_{port}_" in n] \
+        if os.path.isdir(shm) else []
+
+
 # the families the partition engine must support (issue 2)
 FAMILIES = ["resnet18", "resnet34", "resnet50", "resnet26d", "wide_resnet50_2", "resnetv2_50",
             "efficientnet_b0", "mobilenetv3_small_100", "regnetx_002"]

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import free_port, launcher
+from conftest import free_port, launcher, shm_left_behind
 from loft_ext.parallel.ds import DeepSpeedConfigError, LoftMPU, load_ds_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,6 +87,7 @@ def _launch(cmd, out, extra=()):
     proc = subprocess.run(cmd + [RECIPE, *FAST, *extra, "--output_dir", str(out)], capture_output=True, text=True,
                           env=ENV, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert shm_left_behind(cmd) == []
     (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
     return proc, run_dir
 

@@ -13,7 +13,7 @@ import sys
 import time
 
 import pytest
-from conftest import free_port, launcher
+from conftest import free_port, launcher, shm_left_behind
 
 from loft_ext.checkpoint import CheckpointError, CheckpointStore, verify
 
@@ -267,6 +267,7 @@ def test_kill9_one_rank_then_resume_completes_exactly(tmp_path, launcher, extra)
                            "--resume", "latest"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming from" in proc.stdout
+    assert shm_left_behind(cmd) == []
     # S simulated workers in one process equal S processes (and DeepSpeed ZeRO-3 equals plain LoFT):
     # the uninterrupted reference runs in one process
     plain = ["--batch_size", "64", *DS_ZERO3[3:]] if extra == DS_ZERO3 else extra  # the config's micro batch is 64

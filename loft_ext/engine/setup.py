@@ -11,6 +11,7 @@ import torch
 
 from ..checkpoint import CheckpointStore
 from ..errors import ConfigError
+from ..parallel import ds
 from ..tracking import TrackingError, resolve_wandb_mode
 from .checkpointing import CHECKPOINT_DIR
 from .config import DeepSpeedHparams, OutputHparams
@@ -65,6 +66,7 @@ def start_accelerator(out_hp: OutputHparams, wandb: bool, collective_timeout: fl
             f"WORLD_SIZE={expected} but Accelerate started {accelerator.num_processes} process(es) with no "
             "common process group; on CPU launch with `torchrun --nproc_per_node N` or "
             "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N`")
+    ds.release_shm_workspace()  # Accelerate's DeepSpeed plugin starts DeepSpeed's communication here
     return accelerator
 
 

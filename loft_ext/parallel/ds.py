@@ -140,7 +140,39 @@ def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: dict, mp
     if clip == "separate":
         cfg = {**cfg, "gradient_clipping": 0.0}
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg, mpu=mpu)
+    release_shm_workspace()
     return engine, ds_optimizer, (max_norm if clip == "separate" else 0.0)
+
+
+SHM_WORKSPACE = "/dev/shm/deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}"
+_shm_released = False
+
+
+def release_shm_workspace() -> None:
+    """Unlink this rank's DeepSpeed CPU shared-memory workspace once every rank has mapped it.
+
+    When all ranks are local (the ``deepspeed`` launcher sets LOCAL_SIZE), DeepSpeed's CPU comm op maps one
+    64 MiB /dev/shm segment per rank for ``inference_all_reduce`` and never unlinks it: every run left
+    world-size segments in RAM (tmpfs) until the machine ran out of memory. loft_ext never calls that
+    all-reduce. After the barrier every rank has mapped its peers' segments, so each rank unlinks its own
+    name; the mappings stay valid and the memory goes when the processes exit, killed ones included.
+    A no-op where DeepSpeed's communication was not started or made no segment; safe to call twice."""
+    global _shm_released
+    import sys
+
+    if _shm_released or "deepspeed" not in sys.modules or not torch.distributed.is_initialized():
+        return
+    from deepspeed.comm import comm as ds_comm
+
+    backend = getattr(ds_comm, "cdb", None)
+    if backend is None or getattr(backend, "shm_comm_op", None) is None:
+        return
+    torch.distributed.barrier()
+    name = SHM_WORKSPACE.format(uid=os.getuid(), addr=os.environ.get("MASTER_ADDR", ""),
+                                port=os.environ.get("MASTER_PORT", ""), rank=torch.distributed.get_rank())
+    if os.path.exists(name):
+        os.unlink(name)
+    _shm_released = True
 
 
 def zero_stage(cfg: dict) -> int:
