@@ -8,7 +8,8 @@ Measures and checks, each section isolated so that a failure is recorded and the
   (tests/test_subnet.py on CUDA).
 - ``s1_equals_sgd``: a LoFT run with S=1 equals plain SGD on CUDA in fp32 (TF32 off), momentum 0 with
   ``reset`` and 0.9 with ``carry``, with cuDNN's default algorithms and again under
-  ``torch.use_deterministic_algorithms`` (tests/test_engine.py on CUDA; tolerance 1e-5 relative).
+  ``torch.use_deterministic_algorithms`` (tests/test_engine.py on CUDA): with the default algorithms within 1e-5
+  of the model's norm (plain SGD rerun against itself gives the noise floor), deterministic: bit for bit.
 - ``bf16_rounds``: LoFT rounds with S=2 under bf16 autocast in channels_last (the recipe's ``--mixed_precision
   bf16 --channels_last``) keep every tensor finite and the layout in the sub-networks, and the loss falls on
   a fixed synthetic batch set.
@@ -214,6 +215,7 @@ def run_parent(args) -> int:
                 cmd += ["--simulate", args.simulate]
             if args.batches:
                 cmd += ["--batches", args.batches]
+            cmd += ["--image_size", str(args.image_size)]
             env = dict(os.environ)
             if group in ("checks", "all"):  # deterministic cuBLAS for the determinism variant of s1_equals_sgd
                 env.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -310,7 +312,8 @@ def _section_line(name, rec) -> str:
                 parts.append(f"{r['mode']}/{r['optimizer_state']}: {r['error'][:60]}")
             else:
                 parts.append(f"{r['mode']}/{r['optimizer_state']}: max abs {r['max_abs_diff']:.2g}, rel "
-                             f"{r['max_rel_diff']:.2g}{' (bit-equal)' if r['bit_equal'] else ''}")
+                             f"{r['rel_norm_diff']:.2g}{' (bit-equal)' if r['bit_equal'] else ''} "
+                             f"[SGD vs SGD: {r['sgd_rerun_max_abs_diff']:.2g}]")
         return "; ".join(parts)
     if name == "bf16_rounds":
         return (f"worker loss {_fmt(d.get('worker_loss_first_round'))} -> {_fmt(d.get('worker_loss_last_round'))}, "
@@ -367,10 +370,11 @@ def render_markdown(results) -> str:
         d0 = next((secs[n].get("data") or {}) for n in ITEMS if n.startswith("throughput_") and n in secs)
         lines += ["", f"Training step of one worker ({d0.get('precision')}, {d0.get('memory_format')}, SGD momentum "
                       f"0.9; img/s = batch x timed steps / their time, CUDA events on a GPU; peak = max_memory_allocated):", "",
-                  "| model | batch | variant | params (M) | img/s per worker | step ms (median) | peak MiB | "
-                  "img/s vs dense | peak vs dense |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| model | px | batch | variant | params (M) | img/s per worker | step ms (median) | peak MiB | "
+                  "img/s vs dense | peak vs dense |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
-            lines.append(f"| {r['model']} | {r['batch']} | {r['variant']} | {r['params'] / 1e6:.2f} | "
+            lines.append(f"| {r['model']} | {r.get('image_size', 32)} | {r['batch']} | {r['variant']} | "
+                         f"{r['params'] / 1e6:.2f} | "
                          f"{_fmt(r.get('images_per_s'), '.0f')} | {_fmt(r.get('step_ms_median'), '.2f')} | "
                          f"{_fmt(r.get('peak_mib'), '.0f')} | {_fmt(r.get('throughput_vs_dense'), '.3f')} | "
                          f"{_fmt(r.get('peak_vs_dense'), '.3f')} |")
@@ -428,14 +432,14 @@ class Ctx:
             self.torch.cuda.empty_cache()
 
 
-def _synthetic(torch, device, n_batches, batch, seed, noise=1.0, channels_last=False):
-    """Fixed CIFAR-shaped batches made on the device: a random prototype per class plus noise."""
+def _synthetic(torch, device, n_batches, batch, seed, noise=1.0, channels_last=False, size=32):
+    """Fixed CIFAR-shaped batches (size x size) made on the device: a random prototype per class plus noise."""
     g = torch.Generator(device=device).manual_seed(seed)
-    protos = torch.randn(10, 3, 32, 32, generator=g, device=device)
+    protos = torch.randn(10, 3, size, size, generator=g, device=device)
     out = []
     for _ in range(n_batches):
         y = torch.randint(0, 10, (batch,), generator=g, device=device)
-        x = protos[y] + noise * torch.randn(batch, 3, 32, 32, generator=g, device=device)
+        x = protos[y] + noise * torch.randn(batch, 3, size, size, generator=g, device=device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         out.append((x, y))
@@ -577,8 +581,8 @@ def sec_s1_equals_sgd(ctx: Ctx) -> dict:
     def sgd(momentum):
         return lambda params: torch.optim.SGD(params, lr=0.05, momentum=momentum, weight_decay=5e-4)
 
-    def one(momentum, optimizer_state):
-        plain, full = copy.deepcopy(base).to(ctx.device), copy.deepcopy(base).to(ctx.device)
+    def sgd_run(momentum):
+        plain = copy.deepcopy(base).to(ctx.device)
         opt = sgd(momentum)(plain.parameters())
         plain.train()
         for x, y in data:
@@ -586,6 +590,32 @@ def sec_s1_equals_sgd(ctx: Ctx) -> dict:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        return plain
+
+    def compare(a_model, b_model):
+        # relative to the model's norm: a per-tensor ratio blows up on tensors near zero (BN biases after a
+        # few steps of momentum-free SGD are ~1e-4, so a 3e-6 rounding difference read as 1.5%)
+        diff_sq = ref_sq = max_abs = 0.0
+        n_differ, worst, worst_abs = 0, None, 0.0
+        for (k, a), (_, b) in zip(tensors_of(a_model).items(), tensors_of(b_model).items()):
+            if not a.is_floating_point():
+                n_differ += int(not torch.equal(a, b))
+                continue
+            d = (a.double() - b.double())
+            diff_sq += float(d.pow(2).sum())
+            ref_sq += float(a.double().pow(2).sum())
+            if not torch.equal(a, b):
+                n_differ += 1
+                m = float(d.abs().max())
+                if m > worst_abs:
+                    worst, worst_abs = k, m
+                max_abs = max(max_abs, m)
+        return {"max_abs_diff": max_abs, "rel_norm_diff": (diff_sq ** 0.5) / max(ref_sq ** 0.5, 1e-30),
+                "tensors_differ": n_differ, "worst_tensor": worst, "bit_equal": n_differ == 0}
+
+    def one(momentum, optimizer_state, mode):
+        plain = sgd_run(momentum)
+        full = copy.deepcopy(base).to(ctx.device)
         engine = LoFTEngine(full, plan, make_optimizer=sgd(momentum), seed=1, optimizer_state=optimizer_state)
         it = iter(data)
         for r in range(rounds):
@@ -593,18 +623,14 @@ def sec_s1_equals_sgd(ctx: Ctx) -> dict:
             for _ in range(local_steps):
                 local_step(engine.workers[0], *next(it))
             engine.sync()
-        max_abs, max_rel, n_differ, worst = 0.0, 0.0, 0, None
-        for (k, a), (_, b) in zip(tensors_of(plain).items(), tensors_of(full).items()):
-            if not torch.equal(a, b):
-                n_differ += 1
-                diff = (a.double() - b.double()).abs().max().item()
-                rel = diff / max(a.double().abs().max().item(), 1e-12)
-                if rel > max_rel:
-                    worst = k
-                max_abs, max_rel = max(max_abs, diff), max(max_rel, rel)
-        return {"max_abs_diff": max_abs, "max_rel_diff": max_rel, "tensors_differ": n_differ,
-                "worst_tensor": worst, "bit_equal": n_differ == 0, "tensors": len(tensors_of(plain)),
-                "passed": max_rel <= tol}
+        row = compare(plain, full)
+        # the noise floor: plain SGD against itself (cuDNN's default algorithms need not be deterministic)
+        rerun = compare(plain, sgd_run(momentum))
+        row.update(tensors=len(tensors_of(plain)), sgd_rerun_max_abs_diff=rerun["max_abs_diff"],
+                   sgd_rerun_rel_norm_diff=rerun["rel_norm_diff"])
+        # deterministic algorithms: the same kernels in the same order, so LoFT with S=1 is SGD bit for bit
+        row["passed"] = row["bit_equal"] if mode == "deterministic" else row["rel_norm_diff"] <= tol
+        return row
 
     rows = []
     torch.backends.cudnn.benchmark = False
@@ -620,7 +646,7 @@ def sec_s1_equals_sgd(ctx: Ctx) -> dict:
                         torch.use_deterministic_algorithms(True, warn_only=True)
                     with warnings.catch_warnings(record=True) as w:
                         warnings.simplefilter("always")
-                        row.update(one(momentum, state))
+                        row.update(one(momentum, state, mode))
                         caught = sorted({str(x.message).splitlines()[0][:200] for x in w})
                 except Exception as exc:  # e.g. an op without a deterministic kernel
                     row.update(error=f"{type(exc).__name__}: {exc}"[:500], passed=mode == "deterministic")
@@ -633,7 +659,7 @@ def sec_s1_equals_sgd(ctx: Ctx) -> dict:
                 ctx.free()
     finally:
         _fp32_exact(torch, False)
-    return {"rows": rows, "tolerance_rel": tol, "rounds": rounds, "local_steps": local_steps, "batch": batch,
+    return {"rows": rows, "tolerance_rel_norm": tol, "rounds": rounds, "local_steps": local_steps, "batch": batch,
             "tf32": False, "passed": all(r["passed"] for r in rows)}
 
 
@@ -1039,7 +1065,8 @@ def sec_throughput(ctx: Ctx, model_name: str, budget: float) -> dict:
             del full
             model = model.to(ctx.device, memory_format=torch.channels_last).train()
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-            data = _synthetic(torch, ctx.device, 4, batch, seed=4, channels_last=True)
+            size = ctx.args.image_size
+            data = _synthetic(torch, ctx.device, 4, batch, seed=4, channels_last=True, size=size)
 
             last = {}
 
@@ -1052,9 +1079,9 @@ def sec_throughput(ctx: Ctx, model_name: str, budget: float) -> dict:
                 opt.step()
                 last["loss"] = loss.detach()
 
-            row = {"model": model_name, "batch": batch, "variant": variant, "workers": s,
+            row = {"model": model_name, "batch": batch, "variant": variant, "workers": s, "image_size": size,
                    "params": sum(p.numel() for p in model.parameters()),
-                   "data_mib": len(data) * batch * 3 * 32 * 32 * 4 / 2**20}  # the batch pool, inside the peak
+                   "data_mib": len(data) * batch * 3 * size * size * 4 / 2**20}  # the batch pool, inside the peak
             row["param_fraction"] = row["params"] / full_params
             t0 = time.time()
             for i in range(warmup):
@@ -1195,6 +1222,8 @@ def main() -> int:
                                                               "recorded as not run")
     ap.add_argument("--only", default="", help=f"comma-separated sections among {', '.join(ITEMS)}")
     ap.add_argument("--batches", default="", help="throughput batch sizes on the GPU (default 256,2048)")
+    ap.add_argument("--image_size", type=int, default=32,
+                    help="throughput input size in pixels (default 32, CIFAR; 224 shows the ImageNet-sized step)")
     ap.add_argument("--isolate", action="store_true", help="--cpu-smoke: one child per group as on a GPU")
     ap.add_argument("--simulate", default="", help=argparse.SUPPRESS)  # ITEM:crash|hang, to check the recovery
     ap.add_argument("--force-gpu-configs", action="store_true", help=argparse.SUPPRESS)  # run the bf16 ds config on CPU

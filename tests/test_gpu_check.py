@@ -41,6 +41,7 @@ def test_cpu_smoke_runs_every_section_and_records_the_skips(tmp_path):
     assert {(r["mode"], r["optimizer_state"]) for r in s1} == {
         (m, s) for m in ("default", "deterministic") for s in ("reset", "carry")}
     assert all(r["bit_equal"] for r in s1)  # on the CPU S=1 LoFT is plain SGD bit for bit (tests/test_engine.py)
+    assert all(r["rel_norm_diff"] == 0 and r["sgd_rerun_max_abs_diff"] == 0 and r["passed"] for r in s1)
     bf16 = secs["bf16_rounds"]["data"]
     assert bf16["finite"] and bf16["worker_loss_last_round"] < bf16["worker_loss_first_round"]
     assert bf16["channels_last_kept"]  # sub-networks keep the channels_last layout of the full model

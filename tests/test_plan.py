@@ -150,3 +150,13 @@ def test_layernorm_and_concat_stay_shared():
     assert any("concatenated" in r for r in shared["b"])
     assert shared["a"] == ["1 indivisible units, fewer than S=2 workers"]
     assert any("reshaped by flatten" in r for r in shared["k"])
+
+
+def test_a_model_on_another_device_is_planned_where_it_lives():
+    """A user who moved the model (e.g. to the GPU) before planning: the example input is made on the model's
+    device (the GPU check had failed with a CPU input against CUDA weights). The meta device stands in here."""
+    from loft_ext.models import create_model
+
+    on_cpu = make_plan(create_model("resnet18", 10), 2, "all", (1, 3, 32, 32), "resnet18")
+    on_meta = make_plan(create_model("resnet18", 10).to("meta"), 2, "all", (1, 3, 32, 32), "resnet18")
+    assert on_meta.to_dict() == on_cpu.to_dict() and len(on_cpu.split) == 8

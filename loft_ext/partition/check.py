@@ -15,6 +15,7 @@ For one drawn partition of ``plan``:
 from __future__ import annotations
 
 import copy
+import itertools
 
 import torch
 import torch.nn as nn
@@ -98,6 +99,7 @@ def check_plan(model: nn.Module, plan: PartitionPlan, seed: int = 0, round_index
     part = draw_partition(plan, seed, round_index)
     failures = check_units(plan, part)
     x = torch.randn((2,) + tuple(plan.input_shape[1:]), generator=torch.Generator().manual_seed(seed))
+    x = x.to(next(itertools.chain(full.parameters(), full.buffers()), x).device)
     differs = _compare(full, plan, part, x, rtol)
     if differs:
         differs = _compare(copy.deepcopy(full).double(), plan, part, x.double(), 1e-9)

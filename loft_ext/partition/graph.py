@@ -16,6 +16,8 @@ an add", so its groups would have to be re-classified op by op anyway.
 """
 from __future__ import annotations
 
+import itertools
+
 import math
 import operator
 from dataclasses import dataclass, field, replace
@@ -136,19 +138,21 @@ def trace(model: nn.Module, input_shape: tuple[int, ...]) -> fx.GraphModule:
             f"{type(model).__name__} cannot be traced with torch.fx ({type(exc).__name__}: {exc}); "
             "loft_ext can only split models whose forward is traceable (timm CNNs are)") from exc
     gm = fx.GraphModule(tracer.root, graph)
+    # the example input lives where the model does (a model already moved to the GPU is planned there)
+    device = next(itertools.chain(model.parameters(), model.buffers()), torch.zeros(())).device
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             try:  # eagerly first: ShapeProp prints a traceback of its own before raising
-                model(torch.zeros(input_shape))
+                model(torch.zeros(input_shape, device=device))
             except Exception as exc:  # e.g. a ViT whose patch embedding asserts a fixed input size
                 first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
                 raise PartitionError(f"{type(model).__name__} does not run on an input of shape "
                                      f"{tuple(input_shape)} ({first.strip()[:300]}); pass an --image_size the "
                                      "model accepts") from None
             try:
-                ShapeProp(gm).propagate(torch.zeros(input_shape))
+                ShapeProp(gm).propagate(torch.zeros(input_shape, device=device))
             except Exception as exc:  # the model runs eagerly, but its traced graph does not
                 first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
                 raise PartitionError(
