@@ -74,10 +74,12 @@ def hparams(args, arm: str, seed: int, epochs: int):
                                         TrainHparams)
 
     a = parse_arm(arm)
-    return (ModelHparams(model=args.model, preset=args.preset),
+    loft = a["method"] == "loft"
+    # dense training splits nothing: its runs (hashed with preset all) serve every --preset
+    return (ModelHparams(model=args.model, preset=args.preset if loft else "all"),
             DataHparams(dataset=DATA.dataset, data_dir=data_dir_of(DATA, args.data_root), image_size=DATA.image_size,
                         batch_size=args.batch_size),
-            LoftHparams(workers=args.workers if a["method"] == "loft" else 2, local_steps=a["local_steps"],
+            LoftHparams(workers=args.workers if loft else 2, local_steps=a["local_steps"],
                         method=a["method"], optimizer_state=a["optimizer_state"]),
             TrainHparams(epochs=epochs, lr=a["lr"] or args.lr, seed=seed),
             DetectorHparams(distance_layers="none", earlybird=False),
@@ -204,7 +206,8 @@ def main(argv=None) -> int:
                         "-lr<x> (base lr) and -e<n> (epochs)")
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--model", default="resnet10t")
-    parser.add_argument("--preset", default="all")
+    parser.add_argument("--preset", default="all", help="the LoFT arms' partition preset (all, paper, one_dim); dense "
+                        "runs split nothing and are shared by every preset")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.1)

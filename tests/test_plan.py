@@ -160,3 +160,35 @@ def test_a_model_on_another_device_is_planned_where_it_lives():
     on_cpu = make_plan(create_model("resnet18", 10), 2, "all", (1, 3, 32, 32), "resnet18")
     on_meta = make_plan(create_model("resnet18", 10).to("meta"), 2, "all", (1, 3, 32, 32), "resnet18")
     assert on_meta.to_dict() == on_cpu.to_dict() and len(on_cpu.split) == 8
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_preset_one_dim_divides_no_tensor_along_two_dims_and_trains_every_entry(model_cache, name):
+    """``one_dim``: of the groups ``all`` splits, a later group that would cut a tensor along a second dim stays
+    shared (with the reason), so in every round some worker holds every entry of every tensor."""
+    from loft_ext.partition.subnet import covered_mask, draw_partition
+
+    model = model_cache(name)
+    every, one = make_plan(model, 2, "all", model_name=name), make_plan(model, 2, "one_dim", model_name=name)
+    dims = {}
+    for g in one.split:
+        for d in g.dims:
+            assert dims.setdefault(d.name, d.dim) == d.dim, (d.name, g.name)
+    assert {g.name for g in one.split} <= {g.name for g in every.split}
+    kept = {g.name for g in every.split} - {g.name for g in one.split}
+    assert all(any("preset one_dim" in r for r in g.reasons) for g in one.shared if g.name in kept)
+    part = draw_partition(one, 0, 1)
+    tensors = dict(model.state_dict())
+    assert all(bool(covered_mask(one, part, n, tensors[n].shape).all()) for n in dims)
+    # S=1 (the ticket stage's plan) divides nothing, so one_dim keeps every group there
+    assert len(make_plan(model, 1, "one_dim", model_name=name).split) == len(make_plan(model, 1, "all", model_name=name).split)
+
+
+def test_preset_one_dim_on_a_bottleneck_splits_conv2_on_its_input_only(model_cache):
+    every, one = (make_plan(model_cache("resnet50"), 2, p, model_name="resnet50") for p in ("all", "one_dim"))
+    conv2 = "layer2.1.conv2.weight"
+    assert sorted(d.dim for g in every.split for d in g.dims if d.name == conv2) == [0, 1]  # both dims under all
+    assert [d.dim for g in one.split for d in g.dims if d.name == conv2] == [1]
+    assert not any(d.name == "layer2.1.conv3.weight" for g in one.split for d in g.dims)  # conv2 -> conv3 shared
+    basic_all, basic_one = (make_plan(model_cache("resnet18"), 2, p, model_name="resnet18") for p in ("all", "one_dim"))
+    assert basic_one.to_dict()["split"] == basic_all.to_dict()["split"]  # no BasicBlock tensor is cut twice

@@ -23,8 +23,9 @@ class ModelHparams(Hparams):
 
     model: str = field("resnet18", "timm model name, created with pretrained=False")
     preset: str = field("paper", "channel groups to split: 'paper' (stem, head, first stage and first "
-                        "block of each stage shared, as the authors' release) or 'all' (every "
-                        "splittable group)", PRESETS)
+                        "block of each stage shared, as the authors' release), 'all' (every "
+                        "splittable group) or 'one_dim' (all, but no tensor divided along two dims: a "
+                        "Bottleneck's conv2->conv3 group stays shared so every weight trains each round)", PRESETS)
 
 
 @dataclass

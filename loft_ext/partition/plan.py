@@ -6,7 +6,15 @@ shared with the reason. Presets choose among the splittable groups:
 
 - ``all``: every splittable group;
 - ``paper``: as the authors' release: the stem, the classifier, the first stage and the first block of
-  every later stage stay shared; the other blocks' internal groups are split.
+  every later stage stay shared; the other blocks' internal groups are split;
+- ``one_dim``: every splittable group, except that no tensor is divided between workers along two dims.
+  Under ``all`` a Bottleneck's 3x3 conv is split on both dims (its input and output groups), so each
+  worker holds one diagonal block of it and the off-diagonal blocks (half of the conv at S=2) are
+  trained by no one in that round. ``one_dim`` splits the first group that reaches a tensor and keeps a
+  later group that would cut the same tensor along another dim shared (a Bottleneck: conv1 -> conv2
+  split, conv2 -> conv3 shared): every entry of every tensor is trained in every round, at the price of
+  wider workers. The blocks' groups are decided before the stem's; resnet18/34 have no such tensor, so
+  there it equals ``all`` (a deep stem's middle conv and an inverted residual's squeeze-excite have).
 """
 from __future__ import annotations
 
@@ -18,7 +26,7 @@ import torch.nn as nn
 
 from .graph import NothingSplittable, PartitionError, TensorDim, analyse_channels
 
-PRESETS = ("paper", "all")
+PRESETS = ("paper", "all", "one_dim")
 
 
 @dataclass(frozen=True)
@@ -184,7 +192,13 @@ def make_plan(model: nn.Module, workers: int, preset: str = "paper",
     spaces = analyse_channels(model, input_shape, model_name)
     blocks = block_index(model)
     split, shared = [], []
-    for sp in spaces:
+    cut: dict[str, tuple[int, str]] = {}  # one_dim: tensor -> (dim, group) of the split group that divides it
+    # one_dim decides the blocks' groups first (a stem group must not take a block's tensors), then the rest;
+    # the plan keeps the graph order
+    order = sorted(range(len(spaces)), key=lambda i: (preset == "one_dim" and spaces[i].producer not in blocks, i))
+    decided: dict[int, SplitGroup | SharedGroup] = {}
+    for i in order:
+        sp = spaces[i]
         reasons = list(sp.barriers)
         info = blocks.get(sp.producer)
         if not reasons and preset == "paper":
@@ -198,12 +212,21 @@ def make_plan(model: nn.Module, workers: int, preset: str = "paper",
             reasons.append(f"{sp.units} indivisible units, fewer than S={workers} workers")
         if not reasons and any(sp.channels % sp.units or d.size % sp.units for d in sp.dims):
             reasons.append("tensor sizes not divisible into whole units")
+        if not reasons and preset == "one_dim" and workers > 1:
+            crossing = next(((d, cut[d.name]) for d in sp.dims if d.name in cut and cut[d.name][0] != d.dim), None)
+            if crossing:
+                d, (other_dim, group) = crossing
+                reasons.append(f"preset one_dim: {d.name} is already split along dim {other_dim} by {group}")
         if reasons:
-            shared.append(SharedGroup(sp.producer, sp.channels, reasons))
+            decided[i] = SharedGroup(sp.producer, sp.channels, reasons)
         else:
+            for d in sp.dims:
+                cut.setdefault(d.name, (d.dim, sp.producer))
             dims = sorted(set(sp.dims), key=lambda d: (d.name, d.dim))
-            split.append(SplitGroup(sp.producer, sp.channels, sp.units, dims,
-                                    dict(sp.grouped_convs), dict(sp.norm_groups), info))
+            decided[i] = SplitGroup(sp.producer, sp.channels, sp.units, dims,
+                                    dict(sp.grouped_convs), dict(sp.norm_groups), info)
+    for i in range(len(spaces)):
+        (split if isinstance(decided[i], SplitGroup) else shared).append(decided[i])
     if workers > 1 and not split:
         counts = Counter(r for g in shared for r in g.reasons)
         why = "; ".join(f"{n} x {r}" for r, n in counts.most_common(6))
