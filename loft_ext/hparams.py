@@ -13,9 +13,19 @@ import json
 from typing import Any, get_type_hints
 
 
-def field(default: Any, help: str, choices: tuple | None = None):
-    """A dataclass field with help text (and optional choices) for the CLI."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+_NO_LEGACY = object()
+
+
+def field(default: Any, help: str, choices: tuple | None = None, legacy: Any = _NO_LEGACY):
+    """A dataclass field with help text (and optional choices) for the CLI.
+
+    ``legacy``: for a field added after runs were stored, the value that behaves as the code did before the
+    field existed. :func:`hparams_hash` leaves the field out at that value, so earlier runs keep their
+    directories (and benchmarks their cached runs); any other value is hashed as usual."""
+    metadata = {"help": help, "choices": choices}
+    if legacy is not _NO_LEGACY:
+        metadata["legacy"] = legacy
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def _parse_float_tuple(text: str) -> tuple[float, ...]:
@@ -81,8 +91,14 @@ class Hparams:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
 
 
+def _hashed(h: Hparams) -> dict[str, Any]:
+    return {f.name: getattr(h, f.name) for f in dataclasses.fields(h)
+            if f.init and not ("legacy" in f.metadata and getattr(h, f.name) == f.metadata["legacy"])}
+
+
 def hparams_hash(*hparams: Hparams) -> str:
-    """A short stable hash of a set of hparams: the name of the run's directory."""
-    payload = {type(h).__name__: h.to_dict() for h in hparams}
+    """A short stable hash of a set of hparams: the name of the run's directory. Every field counts (a changed
+    default changes the hash of runs that use it, as it should), except a field at its ``legacy`` value."""
+    payload = {type(h).__name__: _hashed(h) for h in hparams}
     blob = json.dumps(payload, sort_keys=True, default=list).encode()
     return hashlib.sha256(blob).hexdigest()[:12]

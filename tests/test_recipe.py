@@ -61,3 +61,27 @@ def test_docs_usage_lists_every_flag():
     flags = [a.option_strings[0] for a in parser._actions if a.option_strings and a.dest != "help"]
     assert len(flags) > 50
     assert [f for f in flags if f"`{f}`" not in usage] == []
+
+
+def test_run_hash_is_stable_and_a_field_added_later_keeps_earlier_runs_at_its_legacy_value():
+    """Run directories are named by hparams_hash: pinned here so that a change to the hashing (or to a default)
+    cannot silently orphan stored runs. A field added later with ``legacy=`` is left out of the hash at that
+    value and counts at any other."""
+    import dataclasses
+
+    from loft_ext.engine.config import LoftHparams, ModelHparams
+    from loft_ext.hparams import field, hparams_hash
+
+    assert hparams_hash(ModelHparams(), LoftHparams()) == PINNED_HASH, (
+        "the default run's hash changed: give a new field legacy=<the old behaviour>, or, for a deliberate "
+        "change of a default (which orphans stored runs), update PINNED_HASH")
+
+    @dataclasses.dataclass
+    class LoftHparams(LoftHparams):  # the same class name, as if a field had been added to it
+        momentum_warmup: int = field(0, "a field added later", legacy=0)
+
+    assert hparams_hash(ModelHparams(), LoftHparams()) == PINNED_HASH
+    assert hparams_hash(ModelHparams(), LoftHparams(momentum_warmup=3)) != PINNED_HASH
+
+
+PINNED_HASH = "c46e5db80e01"  # hparams_hash(ModelHparams(), LoftHparams()) since the defaults of 2026-12-06
