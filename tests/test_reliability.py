@@ -225,7 +225,10 @@ def _kill_a_rank(launcher, out, extra=(), nproc=2, started=None):
     log, _ = proc.communicate(timeout=120)
     took = time.time() - t0
     assert proc.returncode != 0, log
-    assert took < 30, f"the job took {took:.0f}s to end after the kill"
+    # mostly within seconds (gloo reports the closed connection); a recv posted after the peer died waits for
+    # --collective_timeout 30 (gloo does not see it), and a launcher's SIGTERM that the preemption handler
+    # turns into "stop after this round" is followed by its SIGKILL after 30 s: at worst ~30 s, never 1800
+    assert took < 50, f"the job took {took:.0f}s to end after the kill"
     run_dir = _run_dir(out)
     latest = CheckpointStore(str(run_dir / "checkpoints")).latest()
     assert latest is not None
