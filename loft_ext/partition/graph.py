@@ -17,7 +17,6 @@ an add", so its groups would have to be re-classified op by op anyway.
 from __future__ import annotations
 
 import itertools
-
 import math
 import operator
 from dataclasses import dataclass, field, replace
