@@ -11,7 +11,7 @@ from ..parallel.ds import CLIP_MODES
 from ..parallel.grid import GRID_ORDERS
 from ..parallel.replicas import REPLICA_MODES
 from ..parallel.sync import OPTIMIZER_STATE_MODES, STRATEGIES
-from ..partition.plan import PRESETS
+from ..partition.plan import PRESET_HELP, PRESETS
 
 
 METHODS = ("loft", "dense", "earlybird", "random")
@@ -22,10 +22,7 @@ class ModelHparams(Hparams):
     """Model"""
 
     model: str = field("resnet18", "timm model name, created with pretrained=False")
-    preset: str = field("paper", "channel groups to split: 'paper' (stem, head, first stage and first "
-                        "block of each stage shared, as the authors' release), 'all' (every "
-                        "splittable group) or 'one_dim' (all, but no tensor divided along two dims: a "
-                        "Bottleneck's conv2->conv3 group stays shared so every weight trains each round)", PRESETS)
+    preset: str = field("paper", PRESET_HELP, PRESETS)
 
 
 @dataclass

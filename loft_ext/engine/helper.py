@@ -34,7 +34,7 @@ from ..models import default_input_shape
 from ..parallel.grid import build_grid, check_world
 from ..parallel.replicas import REPLICA_MODES, check_replicas
 from ..parallel.sync import OPTIMIZER_STATE_MODES, STRATEGIES
-from ..partition.plan import PRESETS, make_plan
+from ..partition.plan import PRESET_HELP, PRESETS, make_plan
 from ..plugins.base import Plugin, emit
 from ..tracking import RunLogger
 from .loft import LoFTEngine
@@ -47,7 +47,7 @@ class LoFTConfig(Hparams):
 
     workers: int = field(2, "S: filter workers; each trains a 1/S-wide sub-network of the split groups")
     local_steps: int = field(4, "L: local steps per worker between two syncs (one round)")
-    preset: str = field("paper", "channel groups to split: paper or all", PRESETS)
+    preset: str = field("paper", PRESET_HELP, PRESETS)
     sync: str = field("allgather", "distributed sync: allgather or alltoall", STRATEGIES)
     optimizer_state: str = field("reset", "reset: optimizer state cleared each round (the paper); carry: every "
                                  "per-entry state tensor sliced and written back like the weights",

@@ -27,6 +27,9 @@ import torch.nn as nn
 from .graph import NothingSplittable, PartitionError, TensorDim, analyse_channels
 
 PRESETS = ("paper", "all", "one_dim")
+PRESET_HELP = ("channel groups to split: 'paper' (stem, head, first stage and first block of each stage shared, "
+               "as the authors' release), 'all' (every splittable group) or 'one_dim' (all, but no tensor divided "
+               "along two dims: a Bottleneck's conv2->conv3 group stays shared so every weight trains each round)")
 
 
 @dataclass(frozen=True)
