@@ -188,8 +188,9 @@ def hparams_of(spec: StudySpec, task: Task, output_dir: str, data_root: str):
         DataHparams(dataset=d.dataset, data_dir=data_dir_of(d, data_root), image_size=d.image_size,
                     batch_size=spec.batch_size),
         LoftHparams(workers=2 if method != "loft" else workers, local_steps=spec.local_steps, method=method,
-                    # dense runs keep the field's default: the setting does not apply to them
-                    **({"optimizer_state": spec.optimizer_state} if method == "loft" else {})),
+                    # the setting does not apply to dense runs: they keep "reset", the value they were
+                    # hashed (stored) with before the recipe's default became "carry"
+                    optimizer_state=spec.optimizer_state if method == "loft" else "reset"),
         TrainHparams(epochs=d.epochs, rounds=d.rounds, lr=spec.lr, seed=task.seed,
                      bn_recalibration_batches=spec.bn_recalibration_batches),
         DetectorHparams(distance_every=d.detector_every, distance_window=spec.distance_window,
@@ -899,7 +900,10 @@ def main(argv=None) -> int:
                         "on 2 cores with --jobs 2; the same runs, so the full study continues from it); results "
                         "in <output_dir>/results-quick unless --results_dir")
     parser.add_argument("--model", default="", help="another timm model than the study's (e.g. resnet14t, a "
-                        "Bottleneck ResNet); results in docs/results/study-<model>/ unless --results_dir")
+                        "Bottleneck ResNet); results in docs/results/study-<model>[-<preset>]/ unless --results_dir")
+    parser.add_argument("--preset", default="", choices=("", "paper", "all", "one_dim"),
+                        help="partition preset of every pretraining (default: the study's; it also decides the "
+                             "layers the filter distance watches, so dense runs depend on it too)")
     parser.add_argument("--optimizer_state", default="", choices=("", "reset", "carry"),
                         help="of the LoFT pretrainings (default: the study's, carry: the better LoFT model on "
                              "resnet10t, docs/results.md 'Pretraining quality')")
@@ -930,17 +934,21 @@ def main(argv=None) -> int:
     spec = SMOKE if args.smoke else QUICK if args.quick else FULL
     if args.model:
         spec = dataclasses.replace(spec, model=args.model)
+    if args.preset:
+        spec = dataclasses.replace(spec, preset=args.preset)
     if args.optimizer_state:
         spec = dataclasses.replace(spec, optimizer_state=args.optimizer_state)
     if args.wandb:
         spec = dataclasses.replace(spec, wandb_project=args.wandb_project)
     output_dir = os.path.abspath(args.output_dir or
                                  os.path.join(ROOT, "runs", "study-smoke" if args.smoke else "study"))
+    # another model or preset than the study's writes beside the main tables, never over them
+    variant = "-".join(x for x, main in ((spec.model, FULL.model), (spec.preset, FULL.preset)) if x != main)
     results_dir = os.path.abspath(
         args.results_dir or (os.path.join(output_dir, "results") if args.smoke
                              else os.path.join(output_dir, "results-quick") if args.quick
-                             else os.path.join(ROOT, "docs", "results", f"study-{args.model}") if args.model
-                             and args.model != FULL.model else os.path.join(ROOT, "docs", "results")))
+                             else os.path.join(ROOT, "docs", "results", f"study-{variant}") if variant
+                             else os.path.join(ROOT, "docs", "results")))
     data_root = os.path.abspath(args.data_root)
     names = [d.name for d in spec.datasets]
     datasets = args.datasets.split(",") if args.datasets else names
