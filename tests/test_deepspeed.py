@@ -56,7 +56,8 @@ def _cfg(tmp_path, **kw):
 @pytest.mark.parametrize("change,message", [
     ({"train_batch_size": 100}, "does not match train_micro_batch_size_per_gpu x gradient_accumulation_steps x D"),
     ({"train_batch_size": "auto"}, "train_batch_size must be explicit"),
-    ({"fp16": {"enabled": True}}, "fp16.enabled with zero_optimization.stage 0"),
+    ({"fp16": {"enabled": True}}, "fp16.enabled casts the worker's weights to fp16"),
+    ({"bf16": {"enabled": True}, "zero_optimization": {"stage": 1}}, "bf16.enabled casts the worker's weights to bf16"),
     ({"gradient_accumulation_steps": 2, "train_batch_size": 128}, "gradient_accumulation_steps=2"),
     ({"optimizer": {"type": "Adam"}}, "remove the 'optimizer' section"),
     ({"zero_optimization": {"stage": 4}}, "stage 4"),

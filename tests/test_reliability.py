@@ -313,6 +313,23 @@ def test_kill9_one_rank_under_accelerate_fsdp_then_resume_equals_ddp_replicas(tm
     _same_run(tmp_path / "killed", tmp_path / "ddp", same_world=False)  # FSDP moves other bytes than DDP
 
 
+def test_only_communication_errors_are_reported_as_a_failed_collective():
+    """A dead or late peer becomes one line that says to resume; any other error inside a round (a dtype
+    mismatch, a bug) keeps its own traceback instead of being blamed on another rank."""
+    import torch.distributed as dist
+
+    from loft_ext.engine.pretrain import communication_failed
+
+    for message in ("[../third_party/gloo/gloo/transport/tcp/pair.cc:538] Connection closed by peer [127.0.0.1]:4",
+                    "[gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 30000ms for recv operation",
+                    "Read error [127.0.0.1]:5: Connection reset by peer"):
+        assert communication_failed(RuntimeError(message))
+    assert communication_failed(dist.DistBackendError("NCCL error: unhandled system error"))
+    for message in ("Input type (torch.FloatTensor) and weight type (CPUBFloat16Type) should be the same",
+                    "mat1 and mat2 shapes cannot be multiplied (64x512 and 256x10)"):
+        assert not communication_failed(RuntimeError(message))
+
+
 def test_same_seed_gives_the_same_tickets_and_metrics_twice(tmp_path):
     args = ["--rounds", "6", "--local_steps", "3", "--batch_size", "32", "--bn_recalibration_batches", "2",
             "--image_size", "16", "--ratios", "0.5,0.8", "--finetune_epochs", "1"]

@@ -107,6 +107,15 @@ def communication_report(engine, model, rounds: int, steps: int, elem: int) -> d
     }
 
 
+# what torch.distributed's backends say when a peer is gone or late (gloo raises plain RuntimeErrors)
+_COMMUNICATION_WORDS = ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket", "broken pipe",
+                        "closed", "reset by", "process group")
+
+
+def communication_failed(exc: BaseException) -> bool:
+    return isinstance(exc, dist.DistError) or any(w in str(exc).lower() for w in _COMMUNICATION_WORDS)
+
+
 def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHparams,
                  train_hp: TrainHparams, det_hp: DetectorHparams, out_hp: OutputHparams,
                  print_fn=print, accelerator=None, rewind_round: int = 0,
@@ -304,8 +313,8 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
         logger.close()
         raise TrainingFailure(f"{exc}. Last good checkpoint: {checkpointer.store.latest() or 'none'}") from None
     except RuntimeError as exc:  # a collective failed: a peer died, hung past the timeout, or lost its link
-        if grid is None:
-            raise
+        if grid is None or not communication_failed(exc):
+            raise  # anything else (a shape or dtype error, a bug) keeps its own traceback
         logger.close()
         latest = checkpointer.store.latest()
         raise TrainingFailure(

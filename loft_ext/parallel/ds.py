@@ -105,10 +105,15 @@ def load_ds_config(path: str, micro_batch: int, replicas: int | None) -> dict:
             f"{path}: train_batch_size={cfg['train_batch_size']} does not match train_micro_batch_size_per_gpu "
             f"x gradient_accumulation_steps x D = {micro} x {accum} x {replicas} = {micro * accum * replicas}")
     stage = cfg.get("zero_optimization", {}).get("stage", 0)
-    if cfg.get("fp16", {}).get("enabled") and stage == 0:
-        raise DeepSpeedConfigError(f"{path}: fp16.enabled with zero_optimization.stage 0 cannot take LoFT's "
-                                   "per-round weights (DeepSpeed's fp32 master copy ignores safe_set_* there); "
-                                   "use zero_optimization.stage 1, or torch_autocast with bf16")
+    low = [k for k in ("bf16", "fp16") if cfg.get(k, {}).get("enabled") not in (None, False, "false")]
+    if low:
+        # DeepSpeed casts the module itself to bf16/fp16: each round's fp32 slices would be rounded on the way
+        # in and out of the worker (and the fp32 inputs refused by its convs); torch_autocast keeps fp32 weights
+        raise DeepSpeedConfigError(
+            f"{path}: {low[0]}.enabled casts the worker's weights to {low[0]}, which LoFT's per-round slice "
+            f"load and write-back would round every round; replace the {low[0]!r} section with "
+            f'"torch_autocast": {{"enabled": true, "dtype": "{"bfloat16" if low[0] == "bf16" else "float16"}"}} '
+            "(as ds_configs/zero1_bf16_gpu.json)")
     if stage > 3:
         raise DeepSpeedConfigError(f"{path}: zero_optimization.stage {stage}: DeepSpeed's stages are 0-3")
     if "optimizer" in cfg:
