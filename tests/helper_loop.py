@@ -44,9 +44,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
-    p.add_argument("--optimizer_state", default="reset")  # the recipe's default
+    p.add_argument("--optimizer_state", default=loft_ext.LoFTConfig().optimizer_state)  # the recipe's default
     p.add_argument("--sync", default="allgather")
-    p.add_argument("--preset", default="paper")
+    p.add_argument("--preset", default=loft_ext.LoFTConfig().preset)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--save_at", type=int, default=0)

@@ -86,7 +86,7 @@ def _check_ticket_runs(run_dir, runs, pretrain, model_name, model_sha):
         assert {k: t["config"][k] for k in ("method", "dataset", "S", "ticket", "score", "pretrain_run",
                                             "optimizer_state", "oneshot_bn_batches")} == \
             {"method": "loft", "dataset": "digits", "S": 2, "ticket": "structured", "score": "l2",
-             "pretrain_run": run_dir.name, "optimizer_state": "reset", "oneshot_bn_batches": None}
+             "pretrain_run": run_dir.name, "optimizer_state": "carry", "oneshot_bn_batches": None}
         for key in ("kept_params", "params", "kept_flops", "test_acc", "total_bytes", "samples_per_worker",
                     "detector_round", "detector_epoch"):
             assert summary[key] == row[key], key

@@ -11,7 +11,7 @@ from ..parallel.ds import CLIP_MODES
 from ..parallel.grid import GRID_ORDERS
 from ..parallel.replicas import REPLICA_MODES
 from ..parallel.sync import OPTIMIZER_STATE_MODES, STRATEGIES
-from ..partition.plan import PRESET_HELP, PRESETS
+from ..partition.plan import DEFAULT_PRESET, PRESET_HELP, PRESETS
 
 
 METHODS = ("loft", "dense", "earlybird", "random")
@@ -22,7 +22,7 @@ class ModelHparams(Hparams):
     """Model"""
 
     model: str = field("resnet18", "timm model name, created with pretrained=False")
-    preset: str = field("paper", PRESET_HELP, PRESETS)
+    preset: str = field(DEFAULT_PRESET, PRESET_HELP, PRESETS)
 
 
 @dataclass
@@ -51,10 +51,10 @@ class LoftHparams(Hparams):
 
     workers: int = field(2, "S: filter workers; each trains a 1/S-wide sub-network of the split groups")
     local_steps: int = field(4, "L: local steps per worker between two syncs (one round)")
-    optimizer_state: str = field("reset", "reset: momentum cleared each round (the paper); carry: kept in a "
-                                 "full-size buffer sliced and written back like the weights (twice the sync bytes; "
-                                 "1.5 points better on resnet10t, 1.2 worse on the Bottleneck resnet14t: "
-                                 "docs/results.md, 'Pretraining quality')", OPTIMIZER_STATE_MODES)
+    optimizer_state: str = field("carry", "carry: momentum kept in a full-size buffer sliced and written back like "
+                                 "the weights (twice reset's sync bytes; with preset one_dim the LoFT model matches "
+                                 "dense: docs/results.md, 'Pretraining quality'); reset: momentum cleared each round "
+                                 "(the paper)", OPTIMIZER_STATE_MODES)
     method: str = field("loft", "pretraining: loft (S filter workers), dense (plain training of the full "
                         "model: S=1, momentum carried), earlybird (dense, stopped by Early-Bird, BN-gamma "
                         "tickets) or random (loft pretraining, random tickets with the same per-layer "

@@ -34,7 +34,7 @@ from ..models import default_input_shape
 from ..parallel.grid import build_grid, check_world
 from ..parallel.replicas import REPLICA_MODES, check_replicas
 from ..parallel.sync import OPTIMIZER_STATE_MODES, STRATEGIES
-from ..partition.plan import PRESET_HELP, PRESETS, make_plan
+from ..partition.plan import DEFAULT_PRESET, PRESET_HELP, PRESETS, make_plan
 from ..plugins.base import Plugin, emit
 from ..tracking import RunLogger
 from .loft import LoFTEngine
@@ -47,10 +47,11 @@ class LoFTConfig(Hparams):
 
     workers: int = field(2, "S: filter workers; each trains a 1/S-wide sub-network of the split groups")
     local_steps: int = field(4, "L: local steps per worker between two syncs (one round)")
-    preset: str = field("paper", PRESET_HELP, PRESETS)
+    preset: str = field(DEFAULT_PRESET, PRESET_HELP, PRESETS)
     sync: str = field("allgather", "distributed sync: allgather or alltoall", STRATEGIES)
-    optimizer_state: str = field("reset", "reset: optimizer state cleared each round (the paper); carry: every "
-                                 "per-entry state tensor sliced and written back like the weights",
+    optimizer_state: str = field("carry", "carry: every per-entry optimizer state tensor sliced and written back "
+                                 "like the weights (the better model: docs/results.md, 'Pretraining quality'); "
+                                 "reset: optimizer state cleared each round (the paper)",
                                  OPTIMIZER_STATE_MODES)
     seed: int = field(0, "seed of the per-round partitions")
     replicas: str = field("ddp", "D > 1 replicas of a worker: ddp (each holds the whole sub-network) or fsdp "

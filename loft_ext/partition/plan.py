@@ -27,6 +27,7 @@ import torch.nn as nn
 from .graph import NothingSplittable, PartitionError, TensorDim, analyse_channels
 
 PRESETS = ("paper", "all", "one_dim")
+DEFAULT_PRESET = "one_dim"  # with optimizer_state carry, the LoFT model that matched dense (docs/results.md)
 PRESET_HELP = ("channel groups to split: 'paper' (stem, head, first stage and first block of each stage shared, "
                "as the authors' release), 'all' (every splittable group) or 'one_dim' (all, but no tensor divided "
                "along two dims: a Bottleneck's conv2->conv3 group stays shared so every weight trains each round)")
@@ -183,7 +184,7 @@ def block_index(model: nn.Module) -> dict[str, BlockInfo]:
     return infos
 
 
-def make_plan(model: nn.Module, workers: int, preset: str = "paper",
+def make_plan(model: nn.Module, workers: int, preset: str = DEFAULT_PRESET,
               input_shape: tuple[int, ...] = (1, 3, 64, 64), model_name: str | None = None
               ) -> PartitionPlan:
     """Analyse ``model`` and choose the groups to split between ``workers`` workers."""

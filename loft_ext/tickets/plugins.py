@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..models import default_input_shape
-from ..partition.plan import make_plan
+from ..partition.plan import DEFAULT_PRESET, make_plan
 from ..plugins.base import Plugin
 from .masks import MaskEnforcer
 from .prune import (PruneError, StructuredTicket, magnitude_masks, random_masks_like, random_ticket_like, sparsity_report,
@@ -37,7 +37,7 @@ class Ticket:
 
 
 def draw_ticket(model: nn.Module, ratio: float, kind: str = "structured", score: str = "l2", *,
-                plan=None, preset: str = "paper", input_shape=None, scope: str = "per-group", min_keep: int = 1,
+                plan=None, preset: str = DEFAULT_PRESET, input_shape=None, scope: str = "per-group", min_keep: int = 1,
                 levels: int = 1, seed: int = 0, random_control: bool = False) -> Ticket:
     """A ticket of ``model`` at pruning ratio ``ratio`` (fraction removed).
 
