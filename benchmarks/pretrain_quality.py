@@ -225,7 +225,7 @@ def main(argv=None) -> int:
     seeds = parse_seeds(args.seeds)
     make_fashion_subset(args.data_root, DATA.train_subset, DATA.test_subset)
     flops = costs(args)
-    default = "loft-L4-reset"  # the recipe's defaults; FLOPs do not depend on the optimizer state
+    default = "loft-L4-reset"  # L=4 as the recipe; FLOPs do not depend on the optimizer state
     flops_epochs = max(1, round(args.epochs * args.workers * flops["loft_worker_mean"] / flops["dense"]))
     jobs = [(arm, seed, flops_epochs if arm.startswith("dense-flops") else parse_arm(arm)["epochs"] or args.epochs)
             for arm in arms for seed in seeds]

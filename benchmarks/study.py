@@ -5,7 +5,7 @@ Methods, all on the same model, data, pretraining budget and fine-tuning budget:
 
 | label | pretraining | ticket |
 |---|---|---|
-| loft-S2, loft-S4 | LoFT with S = 2 / 4 filter workers (`--method loft`; momentum carried across rounds, `--optimizer_state carry`, the better LoFT model on resnet10t; ``--optimizer_state reset`` here runs the recipe's default) | unstructured: global magnitude of the conv/linear weights |
+| loft-S2, loft-S4 | LoFT with S = 2 / 4 filter workers (`--method loft`; momentum carried across rounds, `--optimizer_state carry`, the better LoFT model on resnet10t and the recipe's default; ``--optimizer_state reset`` here runs the paper's setting) | unstructured: global magnitude of the conv/linear weights |
 | dense | plain training of the full model (`--method dense`) | unstructured magnitude |
 | earlybird | dense, stopped by the Early-Bird detector (`--method earlybird`) | unstructured magnitude |
 | random | the loft-S2 run of the same budget (reused, not retrained) | loft-S2's per-layer counts, weights chosen at random (`--prune_score random`) |
