@@ -105,7 +105,8 @@ def load_ds_config(path: str, micro_batch: int, replicas: int | None) -> dict:
             f"{path}: train_batch_size={cfg['train_batch_size']} does not match train_micro_batch_size_per_gpu "
             f"x gradient_accumulation_steps x D = {micro} x {accum} x {replicas} = {micro * accum * replicas}")
     stage = cfg.get("zero_optimization", {}).get("stage", 0)
-    low = [k for k in ("bf16", "fp16") if cfg.get(k, {}).get("enabled") not in (None, False, "false")]
+    low = [k for k in ("bf16", "fp16")
+           if isinstance(cfg.get(k), dict) and cfg[k].get("enabled") not in (None, False, "false")]
     if low:
         # DeepSpeed casts the module itself to bf16/fp16: each round's fp32 slices would be rounded on the way
         # in and out of the worker (and the fp32 inputs refused by its convs); torch_autocast keeps fp32 weights
