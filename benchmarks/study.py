@@ -901,7 +901,9 @@ def main(argv=None) -> int:
                         "in <output_dir>/results-quick unless --results_dir")
     parser.add_argument("--model", default="", help="another timm model than the study's (e.g. resnet14t, a "
                         "Bottleneck ResNet); results in docs/results/study-<model>[-<preset>]/ unless --results_dir")
-    parser.add_argument("--preset", default="", choices=("", "paper", "all", "one_dim"),
+    from loft_ext.partition.plan import PRESETS
+
+    parser.add_argument("--preset", default="", choices=("", *PRESETS),
                         help="partition preset of every pretraining (default: the study's; it also decides the "
                              "layers the filter distance watches, so dense runs depend on it too)")
     parser.add_argument("--optimizer_state", default="", choices=("", "reset", "carry"),
