@@ -162,6 +162,8 @@ CASES = {
                                                       lambda out, tmp: [str(tmp)]),
     "wandb_online_without_credentials": (["--tracker", "wandb", "--wandb_mode", "online"],
                                          "W&B online mode needs credentials", None),
+    "distance_window_in_negative_epochs": (["--distance_window_epochs", "-1"],
+                                           "--distance_window_epochs must be >= 0", None),
     "distance_stop_without_distance": (["--distance_stop", "--distance_layers", "none"],
                                        "--distance_stop needs the filter distance", None),
     "earlybird_stop_without_earlybird": (["--earlybird_stop", "--earlybird", "false"],

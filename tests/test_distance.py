@@ -62,3 +62,61 @@ def test_expectation_matches_simulation(n):
     assert abs(mean - expected_distance(n)) < 4 * std / len(samples) ** 0.5 + 1e-12
     assert normalised_distance(a, a) == 0.0
     assert expected_distance(1) == 0.0
+
+
+class _Loop:
+    """What DistanceStop reads from the training loop: rounds per epoch, a logger, the two callbacks."""
+
+    def __init__(self, rounds_per_epoch):
+        self.rounds_per_epoch, self.found, self.stop_reason = rounds_per_epoch, [], None
+        self.logger = type("Logger", (), {"log": lambda self, values, step: None})()
+
+    def ticket_found(self, name, info):
+        self.found.append(name)
+
+    def request_stop(self, reason):
+        self.stop_reason = reason
+
+
+def _fire_round(rule_kwargs, rounds_per_epoch=4):
+    """Records every 2 rounds of a conv whose filter ranking changes between rounds 2 and 4 and then stays;
+    the round at which DistanceStop fires (None: never)."""
+    from loft_ext.plugins.distance import DistanceStop, FilterDistance
+
+    conv = torch.nn.Conv2d(1, 8, 1, bias=False)
+    recorder = FilterDistance(every=2)
+    recorder.layers, recorder.rankings = ["conv"], {"conv": []}
+    rule = DistanceStop(recorder, eps=0.05, stop=True, **rule_kwargs)
+    loop = _Loop(rounds_per_epoch)
+    model = torch.nn.Sequential()
+    model.add_module("conv", conv)
+    for r in range(2, 21, 2):
+        norms = torch.tensor([3.0, 1, 4, 1.5, 5, 9, 2, 6]) if r == 2 else torch.arange(8, dtype=torch.float32)
+        with torch.no_grad():
+            conv.weight.copy_(norms.view(8, 1, 1, 1))
+        recorder.record(model, r)
+        rule.on_after_sync(loop, r - 1, model)
+        if rule.fired_at is not None:
+            assert loop.found == ["distance_stop"] and loop.stop_reason
+            return rule.fired_at
+    return None
+
+
+def test_distance_window_in_records_and_in_epochs():
+    # 2 records: round 6 sees only round 4 (same ranking) -> fires at 6
+    assert _fire_round({"window": 2}) == 6
+    # 3 records: round 6 still sees round 2's ranking; round 8 sees 4 and 6 -> 8
+    assert _fire_round({"window": 3}) == 8
+    # a window of 1 epoch = 4 rounds: round 6 compares with rounds 2 and 4 (2 differs), round 8 with 4, 6
+    assert _fire_round({"window_epochs": 1.0}) == 8
+    # 2 epochs = 8 rounds: not checked before round 10 (2 + 8), which still sees round 2 -> 12
+    assert _fire_round({"window_epochs": 2.0}) == 12
+    # the same epochs with 2 rounds per epoch: 2 epochs = 4 rounds -> as window_epochs=1 above
+    assert _fire_round({"window_epochs": 2.0}, rounds_per_epoch=2) == 8
+
+
+def test_distance_window_refuses_negative_epochs():
+    from loft_ext.plugins.distance import DistanceStop, FilterDistance
+
+    with pytest.raises(ValueError, match="window in epochs must be >= 0"):
+        DistanceStop(FilterDistance(), window_epochs=-1)

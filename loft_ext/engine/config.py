@@ -90,6 +90,9 @@ class DetectorHparams(Hparams):
                                  "groups), all (every conv) or none", ("split", "all", "none"))
     distance_every: int = field(0, "record filter rankings every k rounds; 0 = at every epoch end")
     distance_window: int = field(5, "filter-distance stop rule: number of recent records compared")
+    distance_window_epochs: float = field(
+        0.0, "filter-distance stop rule: compare with every record of the last E epochs instead (> 0 replaces "
+        "--distance_window; use it when records are frequent)", legacy=0.0)
     distance_eps: float = field(0.1, "filter-distance stop rule: threshold on the normalised distance")
     distance_stop: bool = field(False, "stop pretraining when the filter-distance rule fires (else report)")
     earlybird: bool = field(True, "run the Early-Bird detector (BN-gamma channel masks)")
@@ -177,6 +180,8 @@ def validate(model_hp, data_hp, loft_hp, train_hp, det_hp) -> None:
     checks = [
         (det_hp.distance_every >= 0, f"--distance_every must be >= 0 (got {det_hp.distance_every})"),
         (det_hp.distance_window >= 2, f"--distance_window must be >= 2 (got {det_hp.distance_window})"),
+        (det_hp.distance_window_epochs >= 0,
+         f"--distance_window_epochs must be >= 0 (got {det_hp.distance_window_epochs}; 0 = count records)"),
         (det_hp.distance_eps > 0, f"--distance_eps must be > 0 (got {det_hp.distance_eps})"),
         (0 <= det_hp.earlybird_ratio < 1, f"--earlybird_ratio must be in [0, 1) (got {det_hp.earlybird_ratio})"),
         (det_hp.earlybird_every >= 0, f"--earlybird_every must be >= 0 (got {det_hp.earlybird_every})"),

@@ -172,31 +172,55 @@ class FilterDistance(Plugin):
 
 
 class DistanceStop(Plugin):
-    """Ticket-emergence rule on the filter distance: over the last ``window`` records, the aggregate
-    normalised distance from the newest to each of the others is below ``eps``. Fires once; stops
-    pretraining when ``stop`` is set, otherwise only reports."""
+    """Ticket-emergence rule on the filter distance: the aggregate normalised distance from the newest
+    record to each older record of the window is below ``eps``. The window is the last ``window``
+    records, or, with ``window_epochs`` > 0, every record of the last ``window_epochs`` epochs (checked
+    only once that much training is recorded). A window in epochs keeps its meaning when records are
+    dense (every few rounds, for resolution): 5 records 2 rounds apart span a few hundred steps, over
+    which a ranking barely moves whether or not the ticket has emerged. Fires once; stops pretraining
+    when ``stop`` is set, otherwise only reports."""
 
     name = "distance_stop"
 
-    def __init__(self, recorder: FilterDistance, window: int = 5, eps: float = 0.1, stop: bool = False):
+    def __init__(self, recorder: FilterDistance, window: int = 5, eps: float = 0.1, stop: bool = False,
+                 window_epochs: float = 0.0):
         if window < 2:
             raise ValueError(f"the distance window must hold >= 2 records (got {window})")
+        if window_epochs < 0:
+            raise ValueError(f"the distance window in epochs must be >= 0 (got {window_epochs})")
         self.recorder, self.window, self.eps, self.stop = recorder, window, eps, stop
+        self.window_epochs = window_epochs
         self.fired_at: int | None = None
         self.last_checked = 0
 
+    def window_records(self, rounds_per_epoch: int) -> list[int]:
+        """Indices of the older records the newest is compared with; empty while the window is not full."""
+        rounds = self.recorder.rounds
+        k = len(rounds)
+        if self.window_epochs <= 0:
+            return list(range(k - self.window, k - 1)) if k >= self.window else []
+        span = self.window_epochs * rounds_per_epoch
+        if k < 2 or rounds[-1] - rounds[0] < span:
+            return []
+        return [i for i in range(k - 1) if rounds[-1] - rounds[i] <= span]
+
     def on_after_sync(self, loop, round_index: int, model) -> None:
         k = len(self.recorder.rounds)
-        if k == self.last_checked or k < self.window:
+        if k == self.last_checked:
+            return
+        older = self.window_records(loop.rounds_per_epoch)
+        if not older:
             return
         self.last_checked = k
-        dists = [self.recorder.aggregate_between(k - 1, i) for i in range(k - self.window, k - 1)]
+        dists = [self.recorder.aggregate_between(k - 1, i) for i in older]
         loop.logger.log({"distance/window_max": max(dists)}, step=round_index + 1)
         if self.fired_at is None and max(dists) < self.eps:
             self.fired_at = round_index + 1
             loop.ticket_found(self.name, {"window_distances": dists, "eps": self.eps})
             if self.stop:
-                loop.request_stop(f"filter distance below {self.eps} over the last {self.window} records")
+                window = (f"{self.window_epochs:g} epochs" if self.window_epochs > 0
+                          else f"the last {self.window} records")
+                loop.request_stop(f"filter distance below {self.eps} over {window}")
 
     def state_dict(self) -> dict:
         return {"fired_at": self.fired_at, "last_checked": self.last_checked}
