@@ -22,6 +22,7 @@ of dense") is met when the whole interval lies above -0.5 points.
     python benchmarks/pretrain_quality.py --jobs 2                       # the default probe
     python benchmarks/pretrain_quality.py --arms dense,loft-L4-reset --seeds 0,1,2
     python benchmarks/pretrain_quality.py --report_only                  # tables from finished runs
+    python benchmarks/pretrain_quality.py --train_subset 0 --test_subset 0 --epochs 3   # all of Fashion-MNIST
 
 Runs live in ``--output_dir`` (default runs/pretrain_quality) under their hparams hash, so a rerun skips
 finished ones. Writes ``--results`` (default docs/results/pretrain_quality.{json,md}).
@@ -43,6 +44,12 @@ from study import DataSpec, data_dir_of, interval, make_fashion_subset, paired, 
 
 DATA = DataSpec("fashion_mnist", "fashion_mnist", image_size=28, epochs=10, detector_every=0,
                 train_subset=8000, test_subset=2000)
+
+
+def data_of(args) -> DataSpec:
+    """The default subset, or the one --train_subset / --test_subset name (0 = the whole split)."""
+    return DataSpec(DATA.name, DATA.dataset, DATA.image_size, DATA.epochs, DATA.detector_every,
+                    train_subset=args.train_subset, test_subset=args.test_subset)
 
 
 def parse_arm(arm: str) -> dict:
@@ -77,7 +84,8 @@ def hparams(args, arm: str, seed: int, epochs: int):
     loft = a["method"] == "loft"
     # dense training splits nothing: its runs (hashed with preset all) serve every --preset
     return (ModelHparams(model=args.model, preset=args.preset if loft else "all"),
-            DataHparams(dataset=DATA.dataset, data_dir=data_dir_of(DATA, args.data_root), image_size=DATA.image_size,
+            DataHparams(dataset=DATA.dataset, data_dir=data_dir_of(data_of(args), args.data_root),
+                        image_size=DATA.image_size,
                         batch_size=args.batch_size),
             LoftHparams(workers=args.workers if loft else 2, local_steps=a["local_steps"],
                         method=a["method"], optimizer_state=a["optimizer_state"]),
@@ -170,7 +178,8 @@ def report(args, runs: list[dict], flops: dict) -> dict:
                                         if "dense-flops" in by_arm and a["method"] == "loft" else None)})
     return {"written": time.strftime("%Y-%m-%d %H:%M:%S"), "model": args.model, "preset": args.preset,
             "workers": args.workers, "batch_size": args.batch_size, "lr": args.lr,
-            "data": f"fashion_mnist train {DATA.train_subset} / test {DATA.test_subset} at {DATA.image_size}px",
+            "data": f"fashion_mnist train {args.train_subset or 60000} / test {args.test_subset or 10000} at "
+                    f"{DATA.image_size}px",
             "flops_per_sample": flops, "rows": rows, "runs": runs}
 
 
@@ -212,6 +221,10 @@ def main(argv=None) -> int:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--epochs", type=int, default=DATA.epochs, help="pretraining epochs of dense and LoFT")
+    parser.add_argument("--train_subset", type=int, default=DATA.train_subset,
+                        help="stratified Fashion-MNIST training images (a multiple of 10; 0 = all 60,000)")
+    parser.add_argument("--test_subset", type=int, default=DATA.test_subset,
+                        help="stratified Fashion-MNIST test images (a multiple of 10; 0 = all 10,000)")
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side (one per CPU core)")
     parser.add_argument("--data_root", default=os.path.join(ROOT, "data"))
     parser.add_argument("--output_dir", default=os.path.join(ROOT, "runs", "pretrain_quality"))
@@ -223,7 +236,7 @@ def main(argv=None) -> int:
     for arm in arms:
         parse_arm(arm)
     seeds = parse_seeds(args.seeds)
-    make_fashion_subset(args.data_root, DATA.train_subset, DATA.test_subset)
+    make_fashion_subset(args.data_root, args.train_subset, args.test_subset)
     flops = costs(args)
     default = "loft-L4-reset"  # L=4 as the recipe; FLOPs do not depend on the optimizer state
     flops_epochs = max(1, round(args.epochs * args.workers * flops["loft_worker_mean"] / flops["dense"]))
