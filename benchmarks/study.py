@@ -89,22 +89,28 @@ class StudySpec:
     finetune_epochs: int
     finetune_lr: float
     finetune_batch_size: int
-    distance_window: int
+    distance_window: int        # records compared by the filter-distance rule (when distance_window_epochs = 0)
     distance_eps: float
     earlybird_ratio: float
     bn_recalibration_batches: int
     datasets: tuple[DataSpec, ...]
     ticket: str = "structured"   # structured (channel units, L2 score) or unstructured (global weight magnitude)
     optimizer_state: str = "reset"  # of the LoFT pretrainings (dense ones always carry their momentum)
+    distance_window_epochs: float = 0.0  # > 0: the filter-distance rule's window in epochs (replaces distance_window)
+    earlybird_every: int = -1   # rounds between Early-Bird checks; 0 = epoch ends (its published setting); -1 = detector_every
     wandb_project: str = ""   # set by --wandb: every run logs into this W&B project, one group per cell
 
 
 FULL = StudySpec(
     # the setting of docs/results/pretrain_quality.md (where LoFT's pretraining gap shows) and the regime
     # docs/results/ticket_regimes.md found to separate magnitude tickets from random ones
-    model="resnet10t", preset="all", local_steps=4, batch_size=64, lr=0.1, seeds=(0, 1, 2, 3, 4),
+    model="resnet10t", preset="one_dim", local_steps=4, batch_size=64, lr=0.1, seeds=(0, 1, 2, 3, 4),
     ratios=(0.98, 0.99), ticket="unstructured", optimizer_state="carry", finetune_epochs=1, finetune_lr=0.01, finetune_batch_size=64,
     distance_window=5, distance_eps=0.1, earlybird_ratio=0.5, bn_recalibration_batches=8,
+    # records every 2 rounds resolve the firing point; the rule compares the newest with the last epoch's
+    # records (a window of 5 records, 10 rounds, fired at its first check on every run: a ranking barely
+    # moves in 10 rounds); Early-Bird as published: a mask every epoch end, the last 5 compared
+    distance_window_epochs=1.0, earlybird_every=0,
     datasets=(
         # a stratified 8,000-image training / 2,000-image test subset at 28x28; 125 batches of 64 per worker
         # and epoch -> 32 rounds of L=4 per epoch; detectors every 2 rounds (1/16 epoch: the rules can fire
@@ -118,6 +124,7 @@ QUICK = dataclasses.replace(FULL, seeds=(0,))
 
 SMOKE = dataclasses.replace(
     FULL, seeds=(0,), ratios=(0.5, 0.8), finetune_epochs=1, finetune_batch_size=256, distance_window=3,
+    distance_window_epochs=0.0, earlybird_every=-1,
     bn_recalibration_batches=1, batch_size=32, local_steps=2,
     datasets=(DataSpec("digits", "digits", image_size=8, epochs=1, detector_every=1, rounds=4),))
 
@@ -194,9 +201,9 @@ def hparams_of(spec: StudySpec, task: Task, output_dir: str, data_root: str):
         TrainHparams(epochs=d.epochs, rounds=d.rounds, lr=spec.lr, seed=task.seed,
                      bn_recalibration_batches=spec.bn_recalibration_batches),
         DetectorHparams(distance_every=d.detector_every, distance_window=spec.distance_window,
-                        distance_eps=spec.distance_eps,
+                        distance_window_epochs=spec.distance_window_epochs, distance_eps=spec.distance_eps,
                         distance_stop=task.budget == "stop" and method in ("loft", "dense"),
-                        earlybird_ratio=spec.earlybird_ratio, earlybird_every=d.detector_every,
+                        earlybird_ratio=spec.earlybird_ratio, earlybird_every=earlybird_every_of(spec, d),
                         # what run_pretrain sets for --method earlybird before it hashes the run
                         earlybird_stop=method == "earlybird"),
         # one W&B group per study cell (data set x budget); method, S and ratio are ticket-run config keys
@@ -209,6 +216,22 @@ def hparams_of(spec: StudySpec, task: Task, output_dir: str, data_root: str):
                                     finetune_batch_size=spec.finetune_batch_size)
                for label in task.ticket_methods}
     return pre, tickets
+
+
+def earlybird_every_of(spec: StudySpec, data: DataSpec) -> int:
+    return data.detector_every if spec.earlybird_every < 0 else spec.earlybird_every
+
+
+def earliest_firing(spec: StudySpec, data: DataSpec, rounds_per_epoch: int) -> tuple[float | None, float | None]:
+    """The first epoch at which the filter-distance rule and Early-Bird can fire: once their windows
+    are full (records every ``detector_every`` rounds; Early-Bird keeps 5 masks)."""
+    every = data.detector_every
+    if spec.distance_window_epochs > 0:
+        first = every * math.ceil((every + spec.distance_window_epochs * rounds_per_epoch) / every)
+    else:
+        first = spec.distance_window * every
+    eb_every = earlybird_every_of(spec, data) or rounds_per_epoch
+    return (first / rounds_per_epoch if every else None), 5 * eb_every / rounds_per_epoch
 
 
 def run_dir_of(pre, output_dir: str) -> str:
@@ -583,11 +606,11 @@ def early_vs_end(spec: StudySpec, runs: list[dict], cells: list[dict]) -> list[d
     """Item 4 of issue 16: is the ticket drawn where the detector stopped pretraining as good as the one
     drawn at the end of the full budget? Per method and ratio: the stop budget's ticket minus the fixed
     budget's (paired by seed), with the epochs the detectors fired at and the earliest epoch they could
-    have (the rule needs ``distance_window`` records; Early-Bird compares its last masks the same way)."""
+    have (once their windows are full: :func:`earliest_firing`)."""
     out = []
     for d in spec.datasets:
         per_epoch = [r["rounds_per_epoch"] for r in runs if r["dataset"] == d.name]
-        earliest = (spec.distance_window * d.detector_every / per_epoch[0]) if per_epoch and d.detector_every else None
+        earliest, earliest_eb = earliest_firing(spec, d, per_epoch[0]) if per_epoch else (None, None)
         for method in METHODS:
             for ratio in spec.ratios:
                 stop, fixed = _cell(cells, d.name, "stop", method, ratio), _cell(cells, d.name, "fixed", method, ratio)
@@ -598,7 +621,7 @@ def early_vs_end(spec: StudySpec, runs: list[dict], cells: list[dict]) -> list[d
                             "against": method if fixed else "dense", "stop_epochs": stop["pretrain_epochs_mean"],
                             "distance_fired_epoch": stop["distance_fired_epoch_mean"],
                             "earlybird_fired_epoch": stop["earlybird_fired_epoch_mean"],
-                            "earliest_possible_epoch": earliest,
+                            "earliest_possible_epoch": earliest, "earliest_possible_earlybird_epoch": earliest_eb,
                             "stop_minus_end": paired(_by_seed(stop), _by_seed(base)) if base else None})
     return out
 
@@ -753,7 +776,7 @@ def plot_distances(spec: StudySpec, runs: list[dict], path: str) -> None:
         bottom.axhline(spec.distance_eps, color="black", linestyle="--", linewidth=1,
                        label=f"eps = {spec.distance_eps:g}")
         top.set_title(f"{name}: consecutive records", fontsize=9)
-        bottom.set_title(f"{name}: rule statistic (max over {spec.distance_window} records)\n"
+        bottom.set_title(f"{name}: rule statistic (max over {window_text(spec)})\n"
                          f"dotted: mean epoch the rule fired", fontsize=9)
         for ax in (top, bottom):
             ax.set_xlabel("epoch")
@@ -767,6 +790,11 @@ def plot_distances(spec: StudySpec, runs: list[dict], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def window_text(spec: StudySpec) -> str:
+    return (f"the last {spec.distance_window_epochs:g} epoch(s) of records" if spec.distance_window_epochs > 0
+            else f"{spec.distance_window} records")
 
 
 def _fmt(value, fmt="{:.2f}", none="-"):
@@ -789,7 +817,10 @@ def write_markdown(spec: StudySpec, result: dict, path: str, smoke: bool, missin
          f"lr {spec.lr} step schedule", f"seeds {','.join(map(str, spec.seeds))}",
          f"{spec.ticket} tickets at r = {', '.join(f'{r:g}' for r in spec.ratios)}",
          f"fine-tuning {spec.finetune_epochs} epochs (lr {spec.finetune_lr}, cosine, batch {spec.finetune_batch_size})",
-         f"filter-distance rule: window {spec.distance_window}, eps {spec.distance_eps:g}"]) + ".", ""]
+         f"filter-distance rule: window {window_text(spec)}, eps {spec.distance_eps:g}",
+         "Early-Bird: a mask " + (f"every {spec.earlybird_every} rounds" if spec.earlybird_every > 0 else
+                                  "every epoch end" if spec.earlybird_every == 0 else "at every detector record")
+         + f", the last 5 within 0.1 (p = {spec.earlybird_ratio:g})"]) + ".", ""]
     for d in spec.datasets:
         sub = (f", training subset {d.train_subset}" if d.train_subset else "") + \
               (f", test subset {d.test_subset}" if d.test_subset else "")
@@ -824,14 +855,16 @@ def write_markdown(spec: StudySpec, result: dict, path: str, smoke: bool, missin
         lines += ["## Early tickets: detector stop vs the full budget", "",
                   "The ticket drawn where the detector ended pretraining minus the ticket drawn after the full "
                   "budget (same method, ratio and fine-tuning; paired by seed; Early-Bird has no full-budget run of "
-                  "its own and is compared with dense's). `earliest`: the first epoch at which the rule could fire "
-                  "(window x check interval); a detector that fires there is limited by its checking grid.", "",
+                  "its own and is compared with dense's). `earliest`: the first epoch at which the filter-distance rule / "
+                  "Early-Bird could fire (once its window is full); a detector that fires there is limited by its "
+                  "window, not by the training.", "",
                   "| data set | method | r | stopped @ epoch | distance fired @ | Early-Bird fired @ | earliest | "
                   "stop - end (points, 95% CI) |", "|---|---|---|---|---|---|---|---|"]
         for e in early:
             lines.append(f"| {e['dataset']} | {e['method']}{'' if e['against'] == e['method'] else ' (vs dense)'} | "
                          f"{e['ratio']:g} | {_fmt(e['stop_epochs'])} | {_fmt(e['distance_fired_epoch'])} | "
-                         f"{_fmt(e['earlybird_fired_epoch'])} | {_fmt(e['earliest_possible_epoch'])} | "
+                         f"{_fmt(e['earlybird_fired_epoch'])} | {_fmt(e['earliest_possible_epoch'])} / "
+                         f"{_fmt(e.get('earliest_possible_earlybird_epoch'))} | "
                          f"{interval(e['stop_minus_end'])} |")
         lines.append("")
     lines += ["## Goals (issue 7, 16)", "", "| goal | data set | budget | method | r | value | met |",

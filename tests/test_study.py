@@ -98,6 +98,19 @@ def test_sigterm_to_the_study_stops_its_workers_too(tmp_path):
     assert not alive, alive
 
 
+def test_earliest_firing_follows_the_windows():
+    sys.path.insert(0, os.path.dirname(STUDY))
+    import study
+
+    data = study.FULL.datasets[0]   # records every 2 rounds
+    # a 1-epoch window over 32 rounds per epoch: the first record (round 2) plus 32 rounds -> round 34;
+    # Early-Bird at epoch ends: 5 masks -> epoch 5
+    assert study.earliest_firing(study.FULL, data, 32) == (34 / 32, 5.0)
+    # a window of 5 records: round 10; Early-Bird on the same grid: 5 checks of 2 rounds
+    legacy = study.dataclasses.replace(study.FULL, distance_window_epochs=0.0, earlybird_every=-1)
+    assert study.earliest_firing(legacy, data, 32) == (10 / 32, 10 / 32)
+
+
 def test_plan_lists_the_full_study_without_running_it(tmp_path):
     proc = subprocess.run([sys.executable, STUDY, "--plan", "--output_dir", str(tmp_path)], capture_output=True,
                           text=True, env=ENV, cwd=ROOT, timeout=300)
