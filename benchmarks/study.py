@@ -804,7 +804,7 @@ def _fmt(value, fmt="{:.2f}", none="-"):
 def write_markdown(spec: StudySpec, result: dict, path: str, smoke: bool, missing: list[str]) -> None:
     cells, runs = result["summary"]["cells"], result["runs"]
     lines = [f"# Ticket study{' (smoke run: tiny budgets, not results)' if smoke else ''}", "",
-             f"Written by `python benchmarks/study.py{' --smoke' if smoke else ''}` on {result['written']}. "
+             f"Written by `{' '.join(['python benchmarks/study.py', *sys.argv[1:]])}` on {result['written']}. "
              "Raw numbers: study.json. Setup: docs/results.md, section \"Ticket study\".", ""]
     if missing:
         lines += [f"**Incomplete**: {len(missing)} of {len(missing) + len(runs)} pretraining runs are not "
