@@ -479,12 +479,15 @@ def collect_run(spec: StudySpec, task: Task, output_dir: str, data_root: str) ->
     per_epoch = rounds / epochs if epochs else float("nan")
     fired = {t["detector"]: t["round"] for t in summary.get("tickets", [])}
     curves = {"epoch": [], "consecutive": [], "to_last": [], "window_max_epoch": [], "window_max": []}
+    replayed, emerged = {}, {}
     dist_path = os.path.join(run_dir, "distance", "distances.json")
     if os.path.isfile(dist_path):
         d = _read_json(dist_path)
         curves["epoch"] = [r / per_epoch for r in d["rounds"]]
         curves["consecutive"] = [None] + [c["aggregate"] for c in d["consecutive"]]
         curves["to_last"] = d["to_last"]["aggregate"]
+        if epochs:
+            replayed, emerged = replay_rules(d, round(per_epoch))
     for line in _read_jsonl(os.path.join(run_dir, "rounds.jsonl")):
         if "distance/window_max" in line:
             curves["window_max_epoch"].append(line["step"] / per_epoch)
@@ -506,6 +509,9 @@ def collect_run(spec: StudySpec, task: Task, output_dir: str, data_root: str) ->
         "test_acc_curve": [(m["round"] / per_epoch, m["test_acc"]) for m in
                            _read_jsonl(os.path.join(run_dir, "metrics.jsonl"))],
         "distance": curves,
+        # the filter-distance rule under other windows, replayed on this run's records (RULES), and the
+        # epoch from which the ranking stays within eps of the final one
+        "replayed_fired_epoch": replayed, "emerged_epoch": emerged,
     }
     rows = []
     for label, ticket_hp in tickets.items():
@@ -528,6 +534,49 @@ def collect_run(spec: StudySpec, task: Task, output_dir: str, data_root: str) ->
                 "ticket_dir": os.path.relpath(tdir, ROOT),
             })
     return run, rows
+
+
+# windows of the filter-distance rule replayed on the fixed budget's records: (label, records, epochs)
+RULE_WINDOWS = (("5 records", 5, 0.0), ("0.5 epoch", 5, 0.5), ("1 epoch", 5, 1.0), ("2 epochs", 5, 2.0))
+RULE_EPS = (0.1, 0.05)
+
+
+def rule_key(label: str, eps: float) -> str:
+    return f"{label}, eps {eps:g}"
+
+
+def replay_rules(distances: dict, rounds_per_epoch: int) -> tuple[dict, dict]:
+    """From a run's distances.json: the epoch at which DistanceStop would have fired under each window of
+    RULE_WINDOWS and eps of RULE_EPS (None: never), with the plugin's own window (``window_indices``), and
+    per eps the epoch from which the aggregate distance to the last record stays below eps (when the
+    ranking the run ends with has emerged, seen in hindsight)."""
+    from loft_ext.plugins.distance import window_indices
+
+    rounds, layers = distances["rounds"], list(distances["pairwise"])
+    n = len(rounds)
+    if not layers or n < 2:
+        return {}, {}
+
+    def aggregate(i, j):   # = FilterDistance.aggregate_between(i, j)
+        return sum(distances["pairwise"][name][i][j] for name in layers) / len(layers)
+
+    fired = {}
+    for label, records, epochs in RULE_WINDOWS:
+        for eps in RULE_EPS:
+            fired[rule_key(label, eps)] = None
+            for k in range(1, n + 1):
+                older = window_indices(rounds[:k], records, epochs, rounds_per_epoch)
+                if older and max(aggregate(k - 1, i) for i in older) < eps:
+                    fired[rule_key(label, eps)] = rounds[k - 1] / rounds_per_epoch
+                    break
+    to_last = distances["to_last"]["aggregate"]
+    emerged = {}
+    for eps in RULE_EPS:
+        k = n - 1
+        while k > 0 and to_last[k - 1] < eps:
+            k -= 1
+        emerged[f"eps {eps:g}"] = rounds[k] / rounds_per_epoch
+    return fired, emerged
 
 
 def _mean(values):
@@ -599,7 +648,32 @@ def summarise(spec: StudySpec, runs: list[dict], rows: list[dict]) -> dict:
                         "prune_wall_s_mean": _mean([r["prune_wall_s"] for r in sel]),
                         "finetune_wall_s_mean": _mean([r["finetune_wall_s"] for r in sel]),
                     })
-    return {"cells": cells, "goals": goals(spec, runs, cells), "early_vs_end": early_vs_end(spec, runs, cells)}
+    return {"cells": cells, "goals": goals(spec, runs, cells), "early_vs_end": early_vs_end(spec, runs, cells),
+            "detector_windows": detector_windows(spec, runs)}
+
+
+def detector_windows(spec: StudySpec, runs: list[dict]) -> list[dict]:
+    """Issue 16, item 4 (resolution): per data set, fixed-budget pretraining and rule (window x eps), the
+    mean epoch at which the filter-distance rule fires when replayed on the run's records (a rule that
+    never fires counts at the cap, as in the goals), and the epoch the final ranking emerged."""
+    out = []
+    for d in spec.datasets:
+        for pre in ("loft-S2", "loft-S4", "dense"):
+            sel = [r for r in runs if (r["dataset"], r["budget"], r["pretraining"]) == (d.name, "fixed", pre)
+                   and r.get("replayed_fired_epoch")]
+            if not sel:
+                continue
+            cap = d.rounds / sel[0]["rounds_per_epoch"] if d.rounds else d.epochs
+            row = {"dataset": d.name, "pretraining": pre, "n": len(sel), "fired_epoch_mean": {}, "never_fired": {},
+                   "emerged_epoch_mean": {}}
+            for key in sel[0]["replayed_fired_epoch"]:
+                values = [r["replayed_fired_epoch"][key] for r in sel]
+                row["fired_epoch_mean"][key] = _mean([cap if v is None else v for v in values])
+                row["never_fired"][key] = sum(v is None for v in values)
+            for key in sel[0]["emerged_epoch"]:
+                row["emerged_epoch_mean"][key] = _mean([r["emerged_epoch"][key] for r in sel])
+            out.append(row)
+    return out
 
 
 def early_vs_end(spec: StudySpec, runs: list[dict], cells: list[dict]) -> list[dict]:
@@ -867,6 +941,24 @@ def write_markdown(spec: StudySpec, result: dict, path: str, smoke: bool, missin
                          f"{_fmt(e.get('earliest_possible_earlybird_epoch'))} | "
                          f"{interval(e['stop_minus_end'])} |")
         lines.append("")
+    windows = result["summary"].get("detector_windows", [])
+    if windows:
+        keys = list(windows[0]["fired_epoch_mean"])
+        lines += ["## Detector windows, replayed on the fixed budget's records", "",
+                  "The epoch at which the filter-distance rule fires under other windows (records every "
+                  f"{spec.datasets[0].detector_every} rounds; `N records`: the newest against the last N-1, "
+                  "`E epoch(s)`: against every record of the last E epochs), replayed on each run's recorded "
+                  "distances with the plugin's own window, mean over seeds (never fired: counted at the cap, "
+                  "marked `*`); `emerged`: the epoch from which the ranking stays within eps of the final one "
+                  "(hindsight). The study's own rule: " + window_text(spec) + f", eps {spec.distance_eps:g}.", "",
+                  "| data set | pretraining | " + " | ".join(keys) + " | emerged, eps " +
+                  " / ".join(k.split()[-1] for k in windows[0]["emerged_epoch_mean"]) + " |",
+                  "|---|---|" + "---|" * (len(keys) + 1)]
+        for w in windows:
+            cells_text = [_fmt(w["fired_epoch_mean"][k]) + ("*" if w["never_fired"][k] else "") for k in keys]
+            lines.append(f"| {w['dataset']} | {w['pretraining']} | " + " | ".join(cells_text) + " | " +
+                         " / ".join(_fmt(v) for v in w["emerged_epoch_mean"].values()) + " |")
+        lines.append("")
     lines += ["## Goals (issue 7, 16)", "", "| goal | data set | budget | method | r | value | met |",
               "|---|---|---|---|---|---|---|"]
     for g in result["summary"]["goals"]:
@@ -942,6 +1034,10 @@ def main(argv=None) -> int:
     parser.add_argument("--optimizer_state", default="", choices=("", "reset", "carry"),
                         help="of the LoFT pretrainings (default: the study's, carry: the better LoFT model on "
                              "resnet10t, docs/results.md 'Pretraining quality')")
+    parser.add_argument("--detector_windows", default="epochs", choices=("epochs", "records"),
+                        help="epochs: the filter-distance rule over the last epoch of records, Early-Bird at epoch "
+                             "ends (the study's); records: a 5-record window and Early-Bird on the records' grid "
+                             "(the studies written before 2026-12-07; results in a -records variant)")
     parser.add_argument("--datasets", default="", help="comma-separated subset of the study's data sets")
     parser.add_argument("--seeds", default="", help="comma-separated subset of the seeds")
     parser.add_argument("--budgets", default=",".join(BUDGETS), help="fixed, stop or both")
@@ -973,12 +1069,15 @@ def main(argv=None) -> int:
         spec = dataclasses.replace(spec, preset=args.preset)
     if args.optimizer_state:
         spec = dataclasses.replace(spec, optimizer_state=args.optimizer_state)
+    if args.detector_windows == "records":
+        spec = dataclasses.replace(spec, distance_window_epochs=0.0, earlybird_every=-1)
     if args.wandb:
         spec = dataclasses.replace(spec, wandb_project=args.wandb_project)
     output_dir = os.path.abspath(args.output_dir or
                                  os.path.join(ROOT, "runs", "study-smoke" if args.smoke else "study"))
     # another model or preset than the study's writes beside the main tables, never over them
-    variant = "-".join(x for x, main in ((spec.model, FULL.model), (spec.preset, FULL.preset)) if x != main)
+    variant = "-".join(x for x, main in ((spec.model, FULL.model), (spec.preset, FULL.preset),
+                                         (args.detector_windows, "epochs")) if x != main)
     results_dir = os.path.abspath(
         args.results_dir or (os.path.join(output_dir, "results") if args.smoke
                              else os.path.join(output_dir, "results-quick") if args.quick

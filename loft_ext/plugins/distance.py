@@ -171,6 +171,19 @@ class FilterDistance(Plugin):
             self.consecutive = list(state["consecutive"])
 
 
+def window_indices(rounds: list[int], window: int, window_epochs: float, rounds_per_epoch: int) -> list[int]:
+    """The rule's window for the newest of the records taken at ``rounds``: indices of the older records
+    it is compared with (the last ``window`` - 1, or, with ``window_epochs`` > 0, those at most that many
+    epochs older); empty while the window is not full. Pure, so recorded runs can be replayed."""
+    k = len(rounds)
+    if window_epochs <= 0:
+        return list(range(k - window, k - 1)) if k >= window else []
+    span = window_epochs * rounds_per_epoch
+    if k < 2 or rounds[-1] - rounds[0] < span:
+        return []
+    return [i for i in range(k - 1) if rounds[-1] - rounds[i] <= span]
+
+
 class DistanceStop(Plugin):
     """Ticket-emergence rule on the filter distance: the aggregate normalised distance from the newest
     record to each older record of the window is below ``eps``. The window is the last ``window``
@@ -195,14 +208,7 @@ class DistanceStop(Plugin):
 
     def window_records(self, rounds_per_epoch: int) -> list[int]:
         """Indices of the older records the newest is compared with; empty while the window is not full."""
-        rounds = self.recorder.rounds
-        k = len(rounds)
-        if self.window_epochs <= 0:
-            return list(range(k - self.window, k - 1)) if k >= self.window else []
-        span = self.window_epochs * rounds_per_epoch
-        if k < 2 or rounds[-1] - rounds[0] < span:
-            return []
-        return [i for i in range(k - 1) if rounds[-1] - rounds[i] <= span]
+        return window_indices(self.recorder.rounds, self.window, self.window_epochs, rounds_per_epoch)
 
     def on_after_sync(self, loop, round_index: int, model) -> None:
         k = len(self.recorder.rounds)
