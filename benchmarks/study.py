@@ -14,17 +14,20 @@ Methods, all on the same model, data, pretraining budget and fine-tuning budget:
 The regime (unstructured tickets at 98% and 99% sparsity, fine-tuned 1 epoch from the pruned
 pretrained weights) is the one benchmarks/ticket_regimes.py found to separate magnitude tickets from
 random ones (docs/results/ticket_regimes.md); the setting (resnet10t, an 8,000 / 2,000-image stratified
-Fashion-MNIST subset at 28 px, 10 epochs) is benchmarks/pretrain_quality.py's, where LoFT's
-pretraining gap to dense shows. Budgets are equal samples per worker (LoFT at S=2 spends 0.99x dense's
-training FLOPs; docs/results/pretrain_quality.md).
+Fashion-MNIST subset at 28 px, 10 epochs, preset `one_dim`) is benchmarks/pretrain_quality.py's.
+Budgets are equal samples per worker (LoFT at S=2 spends 1.20x dense's training FLOPs under `one_dim`,
+0.99x under `all`; docs/results/pretrain_quality-resnet10t-one_dim.md).
 
 Budgets: ``fixed`` (every pretraining runs its full epochs; the detectors only report) and ``stop``
 (LoFT and dense with `--distance_stop`: pretraining ends when the filter-distance rule fires; the
 epochs stay the cap and the schedule). Early-Bird always stops on its own detector, so it belongs to
 the ``stop`` budget only. Every pretraining is followed by one ticket per ratio (the fraction of
-weights removed), each fine-tuned for the same epochs. The detectors check every 2 rounds (1/16
-epoch), and the report sets the ticket drawn where a detector stopped pretraining against the one drawn
-at the end of the full budget ("Early tickets").
+weights removed), each fine-tuned for the same epochs. The filter distance is recorded every 2 rounds
+(1/16 epoch) and its rule compares the newest record with the last epoch's (`--distance_window_epochs
+1`); Early-Bird checks at epoch ends, as published (`--detector_windows records`: both on a window of
+5 records, the studies before 2026-12-07). The report sets the ticket drawn where a detector stopped
+pretraining against the one drawn at the end of the full budget ("Early tickets"), and replays the
+rule under other windows on the fixed budget's records ("Detector windows").
 
 Fashion-MNIST comes from `make data-fashion-mnist`; the subset is written as its own
 torchvision-layout folder under data/, so the runs need no option the pipeline lacks. Every
@@ -35,11 +38,11 @@ in pieces (`--seeds`, `--budgets`, `--methods`). `--jobs 2` runs two pipelines s
 Differences are paired by seed with 95% t-intervals, and the goals are judged on the intervals.
 
 Outputs (`--results_dir`, default docs/results): study.json (configuration, every run, every ticket,
-the per-cell statistics, the goals, early vs end), study.md (tables), study_accuracy_vs_ratio.png and
+the per-cell statistics, the goals, early vs end, the replayed windows), study.md (tables), study_accuracy_vs_ratio.png and
 study_distance_curves.png. `--report_only` rebuilds them from the finished runs without training.
 
-  python benchmarks/study.py --jobs 2              # the full study (make study): 5 seeds, about 35 minutes
-  python benchmarks/study.py --quick --jobs 2      # its first seed (make study-quick), 7 minutes
+  python benchmarks/study.py --jobs 2              # the full study (make study): 5 seeds, about 47 minutes
+  python benchmarks/study.py --quick --jobs 2      # its first seed (make study-quick), about 10 minutes
   python benchmarks/study.py --model resnet14t --seeds 0,1,2 --jobs 2   # a second (Bottleneck) architecture
   python benchmarks/study.py --smoke               # digits, one seed, tiny budgets (under 2 minutes)
   python benchmarks/study.py --plan                # list the pipeline calls and where they would go
@@ -867,7 +870,7 @@ def plot_distances(spec: StudySpec, runs: list[dict], path: str) -> None:
 
 
 def window_text(spec: StudySpec) -> str:
-    return (f"the last {spec.distance_window_epochs:g} epoch(s) of records" if spec.distance_window_epochs > 0
+    return (f"{spec.distance_window_epochs:g} epoch(s)" if spec.distance_window_epochs > 0
             else f"{spec.distance_window} records")
 
 
@@ -950,7 +953,7 @@ def write_markdown(spec: StudySpec, result: dict, path: str, smoke: bool, missin
                   "`E epoch(s)`: against every record of the last E epochs), replayed on each run's recorded "
                   "distances with the plugin's own window, mean over seeds (never fired: counted at the cap, "
                   "marked `*`); `emerged`: the epoch from which the ranking stays within eps of the final one "
-                  "(hindsight). The study's own rule: " + window_text(spec) + f", eps {spec.distance_eps:g}.", "",
+                  "(hindsight). The study's own rule: window " + window_text(spec) + f", eps {spec.distance_eps:g}.", "",
                   "| data set | pretraining | " + " | ".join(keys) + " | emerged, eps " +
                   " / ".join(k.split()[-1] for k in windows[0]["emerged_epoch_mean"]) + " |",
                   "|---|---|" + "---|" * (len(keys) + 1)]
@@ -1021,7 +1024,7 @@ def print_summary(result: dict) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="digits only, one seed, tiny budgets (< 2 minutes)")
-    parser.add_argument("--quick", action="store_true", help="the full study's first seed only (7 minutes "
+    parser.add_argument("--quick", action="store_true", help="the full study's first seed only (10 minutes "
                         "on 2 cores with --jobs 2; the same runs, so the full study continues from it); results "
                         "in <output_dir>/results-quick unless --results_dir")
     parser.add_argument("--model", default="", help="another timm model than the study's (e.g. resnet14t, a "
