@@ -228,13 +228,15 @@ def earlybird_every_of(spec: StudySpec, data: DataSpec) -> int:
 def earliest_firing(spec: StudySpec, data: DataSpec, rounds_per_epoch: int) -> tuple[float | None, float | None]:
     """The first epoch at which the filter-distance rule and Early-Bird can fire: once their windows
     are full (records every ``detector_every`` rounds; Early-Bird keeps 5 masks)."""
-    every = data.detector_every
-    if spec.distance_window_epochs > 0:
-        first = every * math.ceil((every + spec.distance_window_epochs * rounds_per_epoch) / every)
-    else:
-        first = spec.distance_window * every
+    from loft_ext.plugins.distance import window_indices
+
+    every, first, rounds = data.detector_every, None, []
+    while every and first is None:  # the plugin's own window on the record grid
+        rounds.append(every * (len(rounds) + 1))
+        if window_indices(rounds, spec.distance_window, spec.distance_window_epochs, rounds_per_epoch):
+            first = rounds[-1] / rounds_per_epoch
     eb_every = earlybird_every_of(spec, data) or rounds_per_epoch
-    return (first / rounds_per_epoch if every else None), 5 * eb_every / rounds_per_epoch
+    return first, 5 * eb_every / rounds_per_epoch   # EarlyBird keeps 5 masks (its default, the study's)
 
 
 def run_dir_of(pre, output_dir: str) -> str:
@@ -512,7 +514,7 @@ def collect_run(spec: StudySpec, task: Task, output_dir: str, data_root: str) ->
         "test_acc_curve": [(m["round"] / per_epoch, m["test_acc"]) for m in
                            _read_jsonl(os.path.join(run_dir, "metrics.jsonl"))],
         "distance": curves,
-        # the filter-distance rule under other windows, replayed on this run's records (RULES), and the
+        # the filter-distance rule under other windows, replayed on this run's records (RULE_WINDOWS), and the
         # epoch from which the ranking stays within eps of the final one
         "replayed_fired_epoch": replayed, "emerged_epoch": emerged,
     }
@@ -879,9 +881,10 @@ def _fmt(value, fmt="{:.2f}", none="-"):
 
 
 def write_markdown(spec: StudySpec, result: dict, path: str, smoke: bool, missing: list[str]) -> None:
+    command = " ".join(["python benchmarks/study.py", *result.get("argv", [])])
     cells, runs = result["summary"]["cells"], result["runs"]
     lines = [f"# Ticket study{' (smoke run: tiny budgets, not results)' if smoke else ''}", "",
-             f"Written by `{' '.join(['python benchmarks/study.py', *sys.argv[1:]])}` on {result['written']}. "
+             f"Written by `{command}` on {result['written']}. "
              "Raw numbers: study.json. Setup: docs/results.md, section \"Ticket study\".", ""]
     if missing:
         lines += [f"**Incomplete**: {len(missing)} of {len(missing) + len(runs)} pretraining runs are not "
@@ -985,7 +988,7 @@ def write_markdown(spec: StudySpec, result: dict, path: str, smoke: bool, missin
 
 
 def write_outputs(spec: StudySpec, tasks: list[Task], output_dir: str, data_root: str, results_dir: str,
-                  smoke: bool) -> dict:
+                  smoke: bool, argv: list[str] | None = None) -> dict:
     runs, rows, missing = [], [], []
     for task in tasks:
         run, task_rows = collect_run(spec, task, output_dir, data_root)
@@ -994,7 +997,8 @@ def write_outputs(spec: StudySpec, tasks: list[Task], output_dir: str, data_root
             continue
         runs.append(run)
         rows += task_rows
-    result = {"written": time.strftime("%Y-%m-%d %H:%M:%S"), "smoke": smoke, "config": dataclasses.asdict(spec),
+    result = {"written": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": list(argv or []), "smoke": smoke,
+              "config": dataclasses.asdict(spec),
               "output_dir": os.path.relpath(output_dir, ROOT), "missing_runs": missing, "runs": runs, "tickets": rows}
     result["summary"] = summarise(spec, runs, rows)
     os.makedirs(results_dir, exist_ok=True)
@@ -1125,7 +1129,8 @@ def main(argv=None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
     all_tasks = make_tasks(spec, names, BUDGETS, METHODS, spec.seeds)  # the report covers the whole study
-    result = write_outputs(spec, all_tasks, output_dir, data_root, results_dir, args.smoke)
+    result = write_outputs(spec, all_tasks, output_dir, data_root, results_dir, args.smoke,
+                           sys.argv[1:] if argv is None else argv)
     print_summary(result)
     print(f"wrote {os.path.relpath(results_dir, ROOT)}/study.json, study.md, study_accuracy_vs_ratio.png, "
           f"study_distance_curves.png ({len(result['runs'])} of {len(all_tasks)} pretrainings finished; "
