@@ -52,6 +52,29 @@ def data_of(args) -> DataSpec:
                     train_subset=args.train_subset, test_subset=args.test_subset)
 
 
+def add_pretraining_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that make a pretraining's hparams (``hparams``): scripts that reuse these runs
+    (ticket_regimes.py) take the same flags, so they find the same run directories."""
+    parser.add_argument("--model", default="resnet10t")
+    parser.add_argument("--preset", default="all", help="the LoFT arms' partition preset (all, paper, one_dim); dense "
+                        "runs split nothing and are shared by every preset")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--epochs", type=int, default=DATA.epochs, help="pretraining epochs of dense and LoFT")
+    parser.add_argument("--train_subset", type=int, default=DATA.train_subset,
+                        help="stratified Fashion-MNIST training images (a multiple of 10; 0 = all 60,000)")
+    parser.add_argument("--test_subset", type=int, default=DATA.test_subset,
+                        help="stratified Fashion-MNIST test images (a multiple of 10; 0 = all 10,000)")
+    parser.add_argument("--data_root", default=os.path.join(ROOT, "data"))
+    parser.add_argument("--output_dir", default=os.path.join(ROOT, "runs", "pretrain_quality"))
+
+
+def data_description(args) -> str:
+    return (f"fashion_mnist train {args.train_subset or 60000} / test {args.test_subset or 10000} at "
+            f"{DATA.image_size}px")
+
+
 def parse_arm(arm: str) -> dict:
     """``dense``, ``dense-flops`` or ``loft-L<k>-<reset|carry>``, each optionally followed by ``-lr<x>`` (the
     base learning rate of that arm instead of ``--lr``) and ``-e<n>`` (its epochs instead of ``--epochs``)."""
@@ -178,8 +201,7 @@ def report(args, runs: list[dict], flops: dict) -> dict:
                                         if "dense-flops" in by_arm and a["method"] == "loft" else None)})
     return {"written": time.strftime("%Y-%m-%d %H:%M:%S"), "model": args.model, "preset": args.preset,
             "workers": args.workers, "batch_size": args.batch_size, "lr": args.lr,
-            "data": f"fashion_mnist train {args.train_subset or 60000} / test {args.test_subset or 10000} at "
-                    f"{DATA.image_size}px",
+            "data": data_description(args),
             "flops_per_sample": flops, "rows": rows, "runs": runs}
 
 
@@ -208,30 +230,22 @@ def write_markdown(result: dict, path: str, command: str) -> None:
         f.write("\n".join(lines))
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arms", default="dense,loft-L4-reset,loft-L8-reset,loft-L4-carry,loft-L8-carry",
                         help="comma-separated: dense, dense-flops or loft-L<k>-<reset|carry>, each with an optional "
                         "-lr<x> (base lr) and -e<n> (epochs)")
     parser.add_argument("--seeds", default="0,1,2,3,4")
-    parser.add_argument("--model", default="resnet10t")
-    parser.add_argument("--preset", default="all", help="the LoFT arms' partition preset (all, paper, one_dim); dense "
-                        "runs split nothing and are shared by every preset")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--epochs", type=int, default=DATA.epochs, help="pretraining epochs of dense and LoFT")
-    parser.add_argument("--train_subset", type=int, default=DATA.train_subset,
-                        help="stratified Fashion-MNIST training images (a multiple of 10; 0 = all 60,000)")
-    parser.add_argument("--test_subset", type=int, default=DATA.test_subset,
-                        help="stratified Fashion-MNIST test images (a multiple of 10; 0 = all 10,000)")
+    add_pretraining_arguments(parser)
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side (one per CPU core)")
-    parser.add_argument("--data_root", default=os.path.join(ROOT, "data"))
-    parser.add_argument("--output_dir", default=os.path.join(ROOT, "runs", "pretrain_quality"))
     parser.add_argument("--results", default=os.path.join(ROOT, "docs", "results", "pretrain_quality"),
                         help="path prefix of the .json and .md written")
     parser.add_argument("--report_only", action="store_true", help="tables from finished runs, no training")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     arms = [a for a in args.arms.split(",") if a]
     for arm in arms:
         parse_arm(arm)

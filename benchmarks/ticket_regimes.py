@@ -86,7 +86,7 @@ def random_label(source: str) -> str:
 
 def rewind_round(args, source: str) -> int:
     """The round that ends ``--rewind_epoch`` epochs at ``source``'s local steps (rounded up)."""
-    batches = math.ceil(pretrain_quality.DATA.train_subset / args.batch_size)
+    batches = math.ceil((args.train_subset or 60000) / args.batch_size)
     return max(1, math.ceil(args.rewind_epoch * batches / pretrain_quality.parse_arm(source)["local_steps"]))
 
 
@@ -166,8 +166,7 @@ def report(args, rows: list[dict], sources: list[str]) -> dict:
                            for s in lofts for d in [diffs.get(f"{s} - {dense}")]}})
     return {"written": time.strftime("%Y-%m-%d %H:%M:%S"), "model": args.model, "preset": args.preset,
             "workers": args.workers, "batch_size": args.batch_size, "lr": args.lr, "epochs": args.epochs,
-            "data": f"fashion_mnist train {pretrain_quality.DATA.train_subset} / test "
-                    f"{pretrain_quality.DATA.test_subset} at {pretrain_quality.DATA.image_size}px",
+            "data": pretrain_quality.data_description(args),
             "sources": sources, "rewind_epoch": args.rewind_epoch,
             "regimes": {k: {**v, "ratios": list(v["ratios"])} for k, v in REGIMES.items()},
             "cells": cells, "tickets": rows}
@@ -203,7 +202,7 @@ def write_markdown(result: dict, path: str, command: str) -> None:
         f.write("\n".join(lines))
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--regimes", default="structured-oneshot,structured-ft1,unstructured-oneshot,unstructured-ft1,"
                         "unstructured-ft2",
@@ -213,17 +212,14 @@ def main(argv=None) -> int:
                         "control (random:<source>)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rewind_epoch", type=float, default=1.0, help="unstructured-rewind-e5: epochs rewound to")
-    parser.add_argument("--model", default="resnet10t")
-    parser.add_argument("--preset", default="all")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--epochs", type=int, default=pretrain_quality.DATA.epochs)
+    pretrain_quality.add_pretraining_arguments(parser)
     parser.add_argument("--jobs", type=int, default=1, help="pretrainings whose tickets run side by side")
-    parser.add_argument("--data_root", default=os.path.join(ROOT, "data"))
-    parser.add_argument("--output_dir", default=os.path.join(ROOT, "runs", "pretrain_quality"))
     parser.add_argument("--results", default=os.path.join(ROOT, "docs", "results", "ticket_regimes"))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     regimes = [r for r in args.regimes.split(",") if r]
     sources = [s for s in args.sources.split(",") if s]
     bad = [r for r in regimes if r not in REGIMES]
@@ -234,7 +230,7 @@ def main(argv=None) -> int:
     if len(sources) < 2 or pretrain_quality.parse_arm(sources[0])["method"] != "dense":
         raise SystemExit("error: --sources needs a dense arm first and at least one LoFT arm, e.g. dense,loft-L4-reset")
     seeds = parse_seeds(args.seeds)
-    make_fashion_subset(args.data_root, pretrain_quality.DATA.train_subset, pretrain_quality.DATA.test_subset)
+    make_fashion_subset(args.data_root, args.train_subset, args.test_subset)
     jobs = [(source, seed, regimes) for seed in seeds for source in sources]
     rows = []
     if args.jobs <= 1:

@@ -215,8 +215,7 @@ def _ticket_regimes():
 
 
 def _args(tr, **changes):
-    return tr.argparse.Namespace(**{"model": "resnet10t", "preset": "all", "workers": 2, "batch_size": 64, "lr": 0.1,
-                                    "epochs": 10, "rewind_epoch": 1.0, **changes})
+    return tr.argparse.Namespace(**{**vars(tr.build_parser().parse_args([])), **changes})
 
 
 def test_ticket_regimes_rewind_to_the_same_epoch_at_every_local_step_count():
@@ -259,3 +258,20 @@ def test_bad_seeds_are_one_clear_error(text, message):
     with pytest.raises(SystemExit, match=message):
         study.parse_seeds(text)
     assert study.parse_seeds("0, 2,") == (0, 2)
+
+
+@pytest.mark.parametrize("flags", [[], ["--model", "resnet14t", "--preset", "one_dim"],
+                                   ["--train_subset", "0", "--test_subset", "0", "--epochs", "3"]])
+def test_ticket_regimes_find_the_pretrainings_pretrain_quality_made(flags):
+    """The sweep reuses pretrain_quality's runs only when both scripts build the same hparams from the same
+    flags (a flag added to one script alone once broke the sweep)."""
+    tr = _ticket_regimes()
+    pq = tr.pretrain_quality
+    for arm in ("dense", "loft-L4-carry"):
+        ours = tr.pretrain_hparams(tr.build_parser().parse_args(flags), arm, 3, rewinding=False)
+        theirs = pq.hparams(pq.build_parser().parse_args(flags), arm, 3, pq.parse_arm(arm)["epochs"] or
+                            pq.build_parser().parse_args(flags).epochs)
+        assert ours == list(theirs)
+    full = tr.build_parser().parse_args(["--train_subset", "0"])
+    assert tr.rewind_round(full, "loft-L4-carry") == math.ceil(math.ceil(60000 / 64) / 4)
+    assert pq.data_description(full) == "fashion_mnist train 60000 / test 2000 at 28px"
