@@ -68,7 +68,7 @@ class _Loop:
     """What DistanceStop reads from the training loop: rounds per epoch, a logger, the two callbacks."""
 
     def __init__(self, rounds_per_epoch):
-        self.rounds_per_epoch, self.found, self.stop_reason = rounds_per_epoch, [], None
+        self.rounds_per_epoch, self.found, self.stop_reason, self.lr = rounds_per_epoch, [], None, None
         self.logger = type("Logger", (), {"log": lambda self, values, step: None})()
 
     def ticket_found(self, name, info):
@@ -78,7 +78,7 @@ class _Loop:
         self.stop_reason = reason
 
 
-def _fire_round(rule_kwargs, rounds_per_epoch=4):
+def _fire_round(rule_kwargs, rounds_per_epoch=4, lr_of=None):
     """Records every 2 rounds of a conv whose filter ranking changes between rounds 2 and 4 and then stays;
     the round at which DistanceStop fires (None: never)."""
     from loft_ext.plugins.distance import DistanceStop, FilterDistance
@@ -95,6 +95,7 @@ def _fire_round(rule_kwargs, rounds_per_epoch=4):
         with torch.no_grad():
             conv.weight.copy_(norms.view(8, 1, 1, 1))
         recorder.record(model, r)
+        loop.lr = lr_of(r) if lr_of else None
         rule.on_after_sync(loop, r - 1, model)
         if rule.fired_at is not None:
             assert loop.found == ["distance_stop"] and loop.stop_reason
@@ -113,6 +114,36 @@ def test_distance_window_in_records_and_in_epochs():
     assert _fire_round({"window_epochs": 2.0}) == 12
     # the same epochs with 2 rounds per epoch: 2 epochs = 4 rounds -> as window_epochs=1 above
     assert _fire_round({"window_epochs": 2.0}, rounds_per_epoch=2) == 8
+
+
+def test_distance_rule_waits_for_the_learning_rate_to_fall():
+    # the ranking is stable from round 4 on (fires at 6 ungated); the lr halves at round 11
+    def step(r):
+        return 0.1 if r <= 10 else 0.05
+
+    assert _fire_round({"window": 2}, lr_of=step) == 6   # lr_below=1: the lr is not consulted
+    # 0.5: records at rounds 6-10 are seen at the peak and skipped; round 12 (lr 0.05) is checked
+    assert _fire_round({"window": 2, "lr_below": 0.5}, lr_of=step) == 12
+    assert _fire_round({"window": 2, "lr_below": 0.4}, lr_of=step) is None   # never falls that far
+    # warm-up then decay: the peak is the highest lr seen, not the first one
+    assert _fire_round({"window": 2, "lr_below": 0.5}, lr_of=lambda r: [0.02, 0.1, 0.1, 0.1, 0.05][min(r // 4, 4)]
+                       ) == 16
+    with pytest.raises(ValueError, match="needs the round's learning rate"):
+        _fire_round({"window": 2, "lr_below": 0.5})
+    with pytest.raises(ValueError, match=r"lr_below must be in \(0, 1\]"):
+        _fire_round({"lr_below": 0})
+
+
+def test_distance_rule_resumes_its_peak_learning_rate():
+    from loft_ext.plugins.distance import DistanceStop, FilterDistance
+
+    rule = DistanceStop(FilterDistance(), lr_below=0.5)
+    rule.peak_lr, rule.last_checked = 0.1, 3
+    again = DistanceStop(FilterDistance(), lr_below=0.5)
+    again.load_state_dict(rule.state_dict())
+    assert (again.peak_lr, again.last_checked, again.fired_at) == (0.1, 3, None)
+    again.load_state_dict({"fired_at": None, "last_checked": 2})   # a checkpoint from before lr_below
+    assert again.peak_lr == 0.0
 
 
 def test_distance_window_refuses_negative_epochs():

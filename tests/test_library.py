@@ -204,6 +204,31 @@ def test_user_plugins_see_every_event_in_order_and_tickets_are_plugins(model_cac
             assert torch.count_nonzero(tensors[name].detach()[~mask]) == 0, name
 
 
+def test_plugins_read_the_rounds_learning_rate_from_a_users_own_schedule(model_cache, digits):
+    """A user's loop sets the lr in its own optimizers (no lr through begin_round): ``LoFT.lr`` reads it
+    there, which is what DistanceStop(lr_below=...) gates on."""
+    class LrSeen(loft_ext.Plugin):
+        name = "lr_seen"
+
+        def __init__(self):
+            self.seen = []
+
+        def on_after_sync(self, run, round_index, model):
+            self.seen.append(run.lr)
+
+    seen = LrSeen()
+    loft = _loft(model_cache("resnet18", 10, 1), plugins=[seen])
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in loft.models]
+    loft.attach(*opts)
+    streams = _streams(digits, 2)
+    _train(loft, opts, streams, 2)        # round 1 at lr 0.05
+    for opt in opts:
+        for group in opt.param_groups:
+            group["lr"] = 0.025
+    _train(loft, opts, streams, 2)        # round 2 at 0.025
+    assert seen.seen == [0.05, 0.025]
+
+
 def test_a_failing_plugin_stops_the_run_naming_plugin_and_event(model_cache, digits):
     class Broken(loft_ext.Plugin):
         name = "broken"

@@ -94,6 +94,10 @@ class DetectorHparams(Hparams):
         0.0, "filter-distance stop rule: compare with every record of the last E epochs instead (> 0 replaces "
         "--distance_window; use it when records are frequent)", legacy=0.0)
     distance_eps: float = field(0.1, "filter-distance stop rule: threshold on the normalised distance")
+    distance_lr_below: float = field(
+        1.0, "filter-distance stop rule: check a record only when its round's learning rate is at most this "
+        "fraction of the highest so far (0.5: after a step schedule's first drop, past the middle of a cosine "
+        "one; 1 = always)", legacy=1.0)
     distance_stop: bool = field(False, "stop pretraining when the filter-distance rule fires (else report)")
     earlybird: bool = field(True, "run the Early-Bird detector (BN-gamma channel masks)")
     earlybird_ratio: float = field(0.5, "Early-Bird pruning ratio p of the BN-gamma mask")
@@ -183,6 +187,13 @@ def validate(model_hp, data_hp, loft_hp, train_hp, det_hp) -> None:
         (det_hp.distance_window_epochs >= 0,
          f"--distance_window_epochs must be >= 0 (got {det_hp.distance_window_epochs}; 0 = count records)"),
         (det_hp.distance_eps > 0, f"--distance_eps must be > 0 (got {det_hp.distance_eps})"),
+        (0 < det_hp.distance_lr_below <= 1,
+         f"--distance_lr_below must be in (0, 1], a fraction of the highest learning rate (got "
+         f"{det_hp.distance_lr_below}; 1 = check every record)"),
+        (det_hp.distance_lr_below == 1 or train_hp.lr_schedule != "constant" or det_hp.distance_layers == "none",
+         f"--distance_lr_below {det_hp.distance_lr_below} with --lr_schedule constant: the learning rate never "
+         "falls, so the filter-distance rule would never be checked; use --distance_lr_below 1 or a step or cosine "
+         "schedule"),
         (0 <= det_hp.earlybird_ratio < 1, f"--earlybird_ratio must be in [0, 1) (got {det_hp.earlybird_ratio})"),
         (det_hp.earlybird_every >= 0, f"--earlybird_every must be >= 0 (got {det_hp.earlybird_every})"),
         (loft_hp.workers >= 1, f"--workers must be >= 1 (got {loft_hp.workers})"),

@@ -271,6 +271,17 @@ class LoFT(LoFTState):
     def is_epoch_end(self, round_index: int) -> bool:
         return (round_index + 1) % self.rounds_per_epoch == 0 or round_index + 1 == self.rounds
 
+    @property
+    def lr(self) -> float | None:
+        """The learning rate of the round being trained: what ``begin_round`` got, else what the first
+        local worker's optimizer holds (a loop that sets it there itself); None without either."""
+        if self._lr is not None:
+            return self._lr
+        for w in self.engine.workers:
+            if w.optimizer is not None and w.optimizer.param_groups:
+                return float(w.optimizer.param_groups[0]["lr"])
+        return None
+
     def request_stop(self, reason: str, preempt: bool = False) -> None:
         """Ask to end training after this round (agreed over all ranks). ``preempt``: the job is being
         stopped from outside; the run is checkpointed and left unfinished, not evaluated."""

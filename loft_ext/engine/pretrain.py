@@ -57,7 +57,8 @@ def build_plugins(det_hp: DetectorHparams, out_hp: OutputHparams, main: bool, pr
         recorder = create_plugin("filter_distance", layers=det_hp.distance_layers, every=det_hp.distance_every)
         plugins += [recorder, create_plugin("distance_stop", recorder=recorder, window=det_hp.distance_window,
                                             eps=det_hp.distance_eps, stop=det_hp.distance_stop,
-                                            window_epochs=det_hp.distance_window_epochs)]
+                                            window_epochs=det_hp.distance_window_epochs,
+                                            lr_below=det_hp.distance_lr_below)]
     if det_hp.earlybird:
         plugins.append(create_plugin("earlybird", ratio=det_hp.earlybird_ratio, every=det_hp.earlybird_every,
                                      stop=det_hp.earlybird_stop))

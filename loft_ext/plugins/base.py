@@ -45,14 +45,19 @@ class LoftRun(Protocol):
     local worker), ``history`` (epoch metrics), ``tickets``. ``engine``: ``full`` (the full model, current
     after a sync under ``allgather``), ``plan`` (split groups), ``workers`` (``index``, ``model``: the
     sub-network, ``slicer``), ``partition``, ``grid`` (None in one process). ``logger.log(dict, step)``.
+    ``lr``: the learning rate of the round being trained (None when the loop sets none).
     """
 
     state: Any
     engine: Any
     logger: Any
     rounds: int
+    rounds_per_epoch: int
     local_index: dict
     stop_reasons: list
+
+    @property
+    def lr(self) -> float | None: ...
 
     def is_epoch_end(self, round_index: int) -> bool: ...
     def request_stop(self, reason: str, preempt: bool = False) -> None: ...

@@ -184,33 +184,52 @@ def window_indices(rounds: list[int], window: int, window_epochs: float, rounds_
     return [i for i in range(k - 1) if rounds[-1] - rounds[i] <= span]
 
 
+def lr_gate_open(lr: float, peak_lr: float, lr_below: float) -> bool:
+    """Whether a record taken at learning rate ``lr`` is checked: ``lr`` is at most ``lr_below`` times the
+    highest learning rate so far (always with ``lr_below`` = 1). Pure, so recorded runs can be replayed."""
+    return lr_below >= 1 or lr <= lr_below * peak_lr * (1 + 1e-9)
+
+
 class DistanceStop(Plugin):
     """Ticket-emergence rule on the filter distance: the aggregate normalised distance from the newest
     record to each older record of the window is below ``eps``. The window is the last ``window``
     records, or, with ``window_epochs`` > 0, every record of the last ``window_epochs`` epochs (checked
     only once that much training is recorded). A window in epochs keeps its meaning when records are
     dense (every few rounds, for resolution): 5 records 2 rounds apart span a few hundred steps, over
-    which a ranking barely moves whether or not the ticket has emerged. Fires once; stops pretraining
-    when ``stop`` is set, otherwise only reports."""
+    which a ranking barely moves whether or not the ticket has emerged. With ``lr_below`` < 1 a record
+    is checked only when its round's learning rate is at most that fraction of the highest seen so far:
+    a ranking can hold still on a high-lr plateau and change at the schedule's first drop, so a rule
+    that fires on the plateau draws a ticket the drop would have changed (docs/results.md, "Ticket
+    study"). Fires once; stops pretraining when ``stop`` is set, otherwise only reports."""
 
     name = "distance_stop"
 
     def __init__(self, recorder: FilterDistance, window: int = 5, eps: float = 0.1, stop: bool = False,
-                 window_epochs: float = 0.0):
+                 window_epochs: float = 0.0, lr_below: float = 1.0):
         if window < 2:
             raise ValueError(f"the distance window must hold >= 2 records (got {window})")
         if window_epochs < 0:
             raise ValueError(f"the distance window in epochs must be >= 0 (got {window_epochs})")
+        if not 0 < lr_below <= 1:
+            raise ValueError(f"lr_below must be in (0, 1], a fraction of the highest learning rate (got {lr_below})")
         self.recorder, self.window, self.eps, self.stop = recorder, window, eps, stop
-        self.window_epochs = window_epochs
+        self.window_epochs, self.lr_below = window_epochs, lr_below
         self.fired_at: int | None = None
         self.last_checked = 0
+        self.peak_lr = 0.0
 
     def window_records(self, rounds_per_epoch: int) -> list[int]:
         """Indices of the older records the newest is compared with; empty while the window is not full."""
         return window_indices(self.recorder.rounds, self.window, self.window_epochs, rounds_per_epoch)
 
     def on_after_sync(self, loop, round_index: int, model) -> None:
+        gated = self.lr_below < 1
+        if gated:
+            lr = getattr(loop, "lr", None)
+            if lr is None:
+                raise ValueError("the filter-distance rule's lr_below needs the round's learning rate: pass lr to "
+                                 "LoFT.begin_round (or set it in the workers' optimizers), or use lr_below=1")
+            self.peak_lr = max(self.peak_lr, lr)
         k = len(self.recorder.rounds)
         if k == self.last_checked:
             return
@@ -218,6 +237,8 @@ class DistanceStop(Plugin):
         if not older:
             return
         self.last_checked = k
+        if gated and not lr_gate_open(lr, self.peak_lr, self.lr_below):
+            return
         dists = [self.recorder.aggregate_between(k - 1, i) for i in older]
         loop.logger.log({"distance/window_max": max(dists)}, step=round_index + 1)
         if self.fired_at is None and max(dists) < self.eps:
@@ -229,8 +250,9 @@ class DistanceStop(Plugin):
                 loop.request_stop(f"filter distance below {self.eps} over {window}")
 
     def state_dict(self) -> dict:
-        return {"fired_at": self.fired_at, "last_checked": self.last_checked}
+        return {"fired_at": self.fired_at, "last_checked": self.last_checked, "peak_lr": self.peak_lr}
 
     def load_state_dict(self, state: dict) -> None:
         if state:
             self.fired_at, self.last_checked = state["fired_at"], state["last_checked"]
+            self.peak_lr = state.get("peak_lr", 0.0)  # absent in checkpoints from before lr_below
