@@ -24,7 +24,9 @@ epochs stay the cap and the schedule). Early-Bird always stops on its own detect
 the ``stop`` budget only. Every pretraining is followed by one ticket per ratio (the fraction of
 weights removed), each fine-tuned for the same epochs. The filter distance is recorded every 2 rounds
 (1/16 epoch) and its rule compares the newest record with the last epoch's (`--distance_window_epochs
-1`); Early-Bird checks at epoch ends, as published (`--detector_windows records`: both on a window of
+1`); in the stop budget it checks a record only once the step schedule's lr has fallen to half its
+peak (`--distance_lr_below 0.5`: with the window alone it fired on the high-lr plateau on 4 of 15 runs);
+Early-Bird checks at epoch ends, as published (`--detector_windows records`: both on a window of
 5 records, the studies before 2026-12-07). The report sets the ticket drawn where a detector stopped
 pretraining against the one drawn at the end of the full budget ("Early tickets"), and replays the
 rule under other windows on the fixed budget's records ("Detector windows").
@@ -101,6 +103,7 @@ class StudySpec:
     optimizer_state: str = "reset"  # of the LoFT pretrainings (dense ones always carry their momentum)
     distance_window_epochs: float = 0.0  # > 0: the filter-distance rule's window in epochs (replaces distance_window)
     earlybird_every: int = -1   # rounds between Early-Bird checks; 0 = epoch ends (its published setting); -1 = detector_every
+    distance_lr_below: float = 1.0  # < 1: the stop budget's rule checks only once the lr fell to this fraction of its peak
     wandb_project: str = ""   # set by --wandb: every run logs into this W&B project, one group per cell
 
 
@@ -114,6 +117,9 @@ FULL = StudySpec(
     # records (a window of 5 records, 10 rounds, fired at its first check on every run: a ranking barely
     # moves in 10 rounds); Early-Bird as published: a mask every epoch end, the last 5 compared
     distance_window_epochs=1.0, earlybird_every=0,
+    # the rule fired on the high-lr plateau on 4 of 15 runs with the window alone (1.2-3.6 epochs, tickets
+    # 1.4-5.0 points below the end's); the ranking settles at the first lr drop, so it is checked from there
+    distance_lr_below=0.5,
     datasets=(
         # a stratified 8,000-image training / 2,000-image test subset at 28x28; 125 batches of 64 per worker
         # and epoch -> 32 rounds of L=4 per epoch; detectors every 2 rounds (1/16 epoch: the rules can fire
@@ -193,6 +199,7 @@ def hparams_of(spec: StudySpec, task: Task, output_dir: str, data_root: str):
 
     method, workers = PRETRAININGS[task.pretraining]
     d = task.data
+    stops = task.budget == "stop" and method in ("loft", "dense")
     pre = (
         ModelHparams(model=spec.model, preset=spec.preset),
         DataHparams(dataset=d.dataset, data_dir=data_dir_of(d, data_root), image_size=d.image_size,
@@ -205,7 +212,10 @@ def hparams_of(spec: StudySpec, task: Task, output_dir: str, data_root: str):
                      bn_recalibration_batches=spec.bn_recalibration_batches),
         DetectorHparams(distance_every=d.detector_every, distance_window=spec.distance_window,
                         distance_window_epochs=spec.distance_window_epochs, distance_eps=spec.distance_eps,
-                        distance_stop=task.budget == "stop" and method in ("loft", "dense"),
+                        distance_stop=stops,
+                        # only where the rule stops the run: the fixed budget's runs (and their run directories)
+                        # stay those of the rule without it; their firing epoch is replayed (collect_run)
+                        distance_lr_below=spec.distance_lr_below if stops else 1.0,
                         earlybird_ratio=spec.earlybird_ratio, earlybird_every=earlybird_every_of(spec, d),
                         # what run_pretrain sets for --method earlybird before it hashes the run
                         earlybird_stop=method == "earlybird"),
@@ -226,14 +236,19 @@ def earlybird_every_of(spec: StudySpec, data: DataSpec) -> int:
 
 
 def earliest_firing(spec: StudySpec, data: DataSpec, rounds_per_epoch: int) -> tuple[float | None, float | None]:
-    """The first epoch at which the filter-distance rule and Early-Bird can fire: once their windows
-    are full (records every ``detector_every`` rounds; Early-Bird keeps 5 masks)."""
-    from loft_ext.plugins.distance import window_indices
+    """The first epoch at which the filter-distance rule (of the stop budget) and Early-Bird can fire: once
+    their windows are full (records every ``detector_every`` rounds; Early-Bird keeps 5 masks) and, with
+    ``distance_lr_below`` < 1, the step schedule's lr has fallen that far."""
+    from loft_ext.engine.loop import lr_at
+    from loft_ext.plugins.distance import lr_gate_open, window_indices
 
     every, first, rounds = data.detector_every, None, []
-    while every and first is None:  # the plugin's own window on the record grid
+    total = data.rounds or data.epochs * rounds_per_epoch
+    while every and first is None and every * (len(rounds) + 1) <= total:  # the plugin's own rule on the grid
         rounds.append(every * (len(rounds) + 1))
-        if window_indices(rounds, spec.distance_window, spec.distance_window_epochs, rounds_per_epoch):
+        lr = lr_at(rounds[-1] - 1, total, spec.lr)
+        if (window_indices(rounds, spec.distance_window, spec.distance_window_epochs, rounds_per_epoch)
+                and lr_gate_open(lr, spec.lr, spec.distance_lr_below)):
             first = rounds[-1] / rounds_per_epoch
     eb_every = earlybird_every_of(spec, data) or rounds_per_epoch
     return first, 5 * eb_every / rounds_per_epoch   # EarlyBird keeps 5 masks (its default, the study's)
@@ -485,6 +500,8 @@ def collect_run(spec: StudySpec, task: Task, output_dir: str, data_root: str) ->
     fired = {t["detector"]: t["round"] for t in summary.get("tickets", [])}
     curves = {"epoch": [], "consecutive": [], "to_last": [], "window_max_epoch": [], "window_max": []}
     replayed, emerged = {}, {}
+    round_lines = _read_jsonl(os.path.join(run_dir, "rounds.jsonl"))
+    lr_by_round = {line["step"]: line["lr"] for line in round_lines if "lr" in line}
     dist_path = os.path.join(run_dir, "distance", "distances.json")
     if os.path.isfile(dist_path):
         d = _read_json(dist_path)
@@ -492,8 +509,14 @@ def collect_run(spec: StudySpec, task: Task, output_dir: str, data_root: str) ->
         curves["consecutive"] = [None] + [c["aggregate"] for c in d["consecutive"]]
         curves["to_last"] = d["to_last"]["aggregate"]
         if epochs:
-            replayed, emerged = replay_rules(d, round(per_epoch))
-    for line in _read_jsonl(os.path.join(run_dir, "rounds.jsonl")):
+            replayed, emerged = replay_rules(d, round(per_epoch), lr_by_round)
+            if task.budget == "fixed" and spec.distance_lr_below < 1:
+                # these runs record without the gate (hparams_of): the study's rule, replayed
+                e = replay_firing(d, round(per_epoch), lr_by_round, spec.distance_window,
+                                  spec.distance_window_epochs, spec.distance_lr_below, spec.distance_eps)
+                fired = {**{k: v for k, v in fired.items() if k != "distance_stop"},
+                         **({"distance_stop": e * per_epoch} if e is not None else {})}
+    for line in round_lines:
         if "distance/window_max" in line:
             curves["window_max_epoch"].append(line["step"] / per_epoch)
             curves["window_max"].append(line["distance/window_max"])
@@ -541,8 +564,10 @@ def collect_run(spec: StudySpec, task: Task, output_dir: str, data_root: str) ->
     return run, rows
 
 
-# windows of the filter-distance rule replayed on the fixed budget's records: (label, records, epochs)
-RULE_WINDOWS = (("5 records", 5, 0.0), ("0.5 epoch", 5, 0.5), ("1 epoch", 5, 1.0), ("2 epochs", 5, 2.0))
+# rules of the filter distance replayed on the fixed budget's records: (label, records, epochs, lr_below)
+RULE_WINDOWS = (("5 records", 5, 0.0, 1.0), ("0.5 epoch", 5, 0.5, 1.0), ("1 epoch", 5, 1.0, 1.0),
+                ("2 epochs", 5, 2.0, 1.0), ("0.5 epoch after lr drop", 5, 0.5, 0.5),
+                ("1 epoch after lr drop", 5, 1.0, 0.5))
 RULE_EPS = (0.1, 0.05)
 
 
@@ -550,30 +575,44 @@ def rule_key(label: str, eps: float) -> str:
     return f"{label}, eps {eps:g}"
 
 
-def replay_rules(distances: dict, rounds_per_epoch: int) -> tuple[dict, dict]:
-    """From a run's distances.json: the epoch at which DistanceStop would have fired under each window of
-    RULE_WINDOWS and eps of RULE_EPS (None: never), with the plugin's own window (``window_indices``), and
-    per eps the epoch from which the aggregate distance to the last record stays below eps (when the
-    ranking the run ends with has emerged, seen in hindsight)."""
-    from loft_ext.plugins.distance import window_indices
+def replay_firing(distances: dict, rounds_per_epoch: int, lr_by_round: dict[int, float], window: int,
+                  window_epochs: float, lr_below: float, eps: float) -> float | None:
+    """The epoch at which DistanceStop(window, eps, window_epochs, lr_below) fires on a run's recorded
+    distances (None: never), with the plugin's own window and lr gate; ``lr_by_round``: each round's
+    learning rate (rounds.jsonl), needed only with ``lr_below`` < 1."""
+    from loft_ext.plugins.distance import lr_gate_open, window_indices
 
+    rounds, layers = distances["rounds"], list(distances["pairwise"])
+    peak, seen = 0.0, 0
+    ordered = sorted(lr_by_round.items())
+    for k in range(1, len(rounds) + 1):
+        if lr_below < 1:
+            while seen < len(ordered) and ordered[seen][0] <= rounds[k - 1]:
+                peak = max(peak, ordered[seen][1])
+                seen += 1
+            if rounds[k - 1] not in lr_by_round:
+                return None   # a round without its lr: the gate cannot be replayed
+        older = window_indices(rounds[:k], window, window_epochs, rounds_per_epoch)
+        if not older or (lr_below < 1 and not lr_gate_open(lr_by_round[rounds[k - 1]], peak, lr_below)):
+            continue
+        # the aggregate = FilterDistance.aggregate_between(k - 1, i)
+        if max(sum(distances["pairwise"][name][k - 1][i] for name in layers) / len(layers) for i in older) < eps:
+            return rounds[k - 1] / rounds_per_epoch
+    return None
+
+
+def replay_rules(distances: dict, rounds_per_epoch: int, lr_by_round: dict[int, float]) -> tuple[dict, dict]:
+    """From a run's distances.json: the epoch at which DistanceStop would have fired under each rule of
+    RULE_WINDOWS and eps of RULE_EPS (None: never; :func:`replay_firing`), and per eps the epoch from which
+    the aggregate distance to the last record stays below eps (when the ranking the run ends with has
+    emerged, seen in hindsight)."""
     rounds, layers = distances["rounds"], list(distances["pairwise"])
     n = len(rounds)
     if not layers or n < 2:
         return {}, {}
-
-    def aggregate(i, j):   # = FilterDistance.aggregate_between(i, j)
-        return sum(distances["pairwise"][name][i][j] for name in layers) / len(layers)
-
-    fired = {}
-    for label, records, epochs in RULE_WINDOWS:
-        for eps in RULE_EPS:
-            fired[rule_key(label, eps)] = None
-            for k in range(1, n + 1):
-                older = window_indices(rounds[:k], records, epochs, rounds_per_epoch)
-                if older and max(aggregate(k - 1, i) for i in older) < eps:
-                    fired[rule_key(label, eps)] = rounds[k - 1] / rounds_per_epoch
-                    break
+    fired = {rule_key(label, eps): replay_firing(distances, rounds_per_epoch, lr_by_round, records, epochs, below,
+                                                 eps)
+             for label, records, epochs, below in RULE_WINDOWS for eps in RULE_EPS}
     to_last = distances["to_last"]["aggregate"]
     emerged = {}
     for eps in RULE_EPS:
@@ -876,6 +915,11 @@ def window_text(spec: StudySpec) -> str:
             else f"{spec.distance_window} records")
 
 
+def gate_text(spec: StudySpec) -> str:
+    return (f", checked once the lr is at most {spec.distance_lr_below:g}x its peak (stop budget; the fixed budget's "
+            "firing epoch is this rule replayed on its records)" if spec.distance_lr_below < 1 else "")
+
+
 def _fmt(value, fmt="{:.2f}", none="-"):
     return none if value is None else fmt.format(value)
 
@@ -897,7 +941,7 @@ def write_markdown(spec: StudySpec, result: dict, path: str, smoke: bool, missin
          f"lr {spec.lr} step schedule", f"seeds {','.join(map(str, spec.seeds))}",
          f"{spec.ticket} tickets at r = {', '.join(f'{r:g}' for r in spec.ratios)}",
          f"fine-tuning {spec.finetune_epochs} epochs (lr {spec.finetune_lr}, cosine, batch {spec.finetune_batch_size})",
-         f"filter-distance rule: window {window_text(spec)}, eps {spec.distance_eps:g}",
+         f"filter-distance rule: window {window_text(spec)}, eps {spec.distance_eps:g}{gate_text(spec)}",
          "Early-Bird: a mask " + (f"every {spec.earlybird_every} rounds" if spec.earlybird_every > 0 else
                                   "every epoch end" if spec.earlybird_every == 0 else "at every detector record")
          + f", the last 5 within 0.1 (p = {spec.earlybird_ratio:g})"]) + ".", ""]
@@ -953,10 +997,12 @@ def write_markdown(spec: StudySpec, result: dict, path: str, smoke: bool, missin
         lines += ["## Detector windows, replayed on the fixed budget's records", "",
                   "The epoch at which the filter-distance rule fires under other windows (records every "
                   f"{spec.datasets[0].detector_every} rounds; `N records`: the newest against the last N-1, "
-                  "`E epoch(s)`: against every record of the last E epochs), replayed on each run's recorded "
-                  "distances with the plugin's own window, mean over seeds (never fired: counted at the cap, "
+                  "`E epoch(s)`: against every record of the last E epochs; `after lr drop`: a record is checked "
+                  "only once the lr is at most half its peak), replayed on each run's recorded "
+                  "distances with the plugin's own window and gate, mean over seeds (never fired: counted at the cap, "
                   "marked `*`); `emerged`: the epoch from which the ranking stays within eps of the final one "
-                  "(hindsight). The study's own rule: window " + window_text(spec) + f", eps {spec.distance_eps:g}.", "",
+                  "(hindsight). The study's own rule: window " + window_text(spec) + f", eps {spec.distance_eps:g}"
+                  + gate_text(spec) + ".", "",
                   "| data set | pretraining | " + " | ".join(keys) + " | emerged, eps " +
                   " / ".join(k.split()[-1] for k in windows[0]["emerged_epoch_mean"]) + " |",
                   "|---|---|" + "---|" * (len(keys) + 1)]
@@ -1045,6 +1091,10 @@ def main(argv=None) -> int:
                         help="epochs: the filter-distance rule over the last epoch of records, Early-Bird at epoch "
                              "ends (the study's); records: a 5-record window and Early-Bird on the records' grid "
                              "(the studies written before 2026-12-07; results in a -records variant)")
+    parser.add_argument("--distance_lr_below", type=float, default=None,
+                        help=f"the stop budget's filter-distance rule checks a record only once the lr is at most this "
+                             f"fraction of its peak (default: the study's, {FULL.distance_lr_below:g}; 1 = always: the "
+                             "study before 2026-12-07, results in an -lr_below1 variant)")
     parser.add_argument("--datasets", default="", help="comma-separated subset of the study's data sets")
     parser.add_argument("--seeds", default="", help="comma-separated subset of the seeds")
     parser.add_argument("--budgets", default=",".join(BUDGETS), help="fixed, stop or both")
@@ -1069,6 +1119,10 @@ def main(argv=None) -> int:
     if args.smoke and args.quick:
         print("error: --smoke and --quick exclude each other; pass one", file=sys.stderr)
         return 2
+    if args.distance_lr_below is not None and not 0 < args.distance_lr_below <= 1:
+        print(f"error: --distance_lr_below must be in (0, 1], a fraction of the peak lr (got {args.distance_lr_below})",
+              file=sys.stderr)
+        return 2
     spec = SMOKE if args.smoke else QUICK if args.quick else FULL
     if args.model:
         spec = dataclasses.replace(spec, model=args.model)
@@ -1077,14 +1131,19 @@ def main(argv=None) -> int:
     if args.optimizer_state:
         spec = dataclasses.replace(spec, optimizer_state=args.optimizer_state)
     if args.detector_windows == "records":
-        spec = dataclasses.replace(spec, distance_window_epochs=0.0, earlybird_every=-1)
+        spec = dataclasses.replace(spec, distance_window_epochs=0.0, earlybird_every=-1, distance_lr_below=1.0)
+    if args.distance_lr_below is not None:
+        spec = dataclasses.replace(spec, distance_lr_below=args.distance_lr_below)
     if args.wandb:
         spec = dataclasses.replace(spec, wandb_project=args.wandb_project)
     output_dir = os.path.abspath(args.output_dir or
                                  os.path.join(ROOT, "runs", "study-smoke" if args.smoke else "study"))
     # another model or preset than the study's writes beside the main tables, never over them
     variant = "-".join(x for x, main in ((spec.model, FULL.model), (spec.preset, FULL.preset),
-                                         (args.detector_windows, "epochs")) if x != main)
+                                         (args.detector_windows, "epochs"),
+                                         (f"lr_below{spec.distance_lr_below:g}",
+                                          f"lr_below{FULL.distance_lr_below:g}")) if x != main
+                       and not (x.startswith("lr_below") and args.detector_windows == "records"))
     results_dir = os.path.abspath(
         args.results_dir or (os.path.join(output_dir, "results") if args.smoke
                              else os.path.join(output_dir, "results-quick") if args.quick

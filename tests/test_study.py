@@ -105,9 +105,14 @@ def test_earliest_firing_follows_the_windows():
     data = study.FULL.datasets[0]   # records every 2 rounds
     # a 1-epoch window over 32 rounds per epoch: the first record (round 2) plus 32 rounds -> round 34;
     # Early-Bird at epoch ends: 5 masks -> epoch 5
-    assert study.earliest_firing(study.FULL, data, 32) == (34 / 32, 5.0)
+    ungated = study.dataclasses.replace(study.FULL, distance_lr_below=1.0)
+    assert study.earliest_firing(ungated, data, 32) == (34 / 32, 5.0)
+    # checked only once the lr fell to half its peak: the step schedule's first drop is at round 160 (of
+    # 320), whose record is the first seen at 0.01
+    assert study.earliest_firing(study.FULL, data, 32) == (162 / 32, 5.0)
     # a window of 5 records: round 10; Early-Bird on the same grid: 5 checks of 2 rounds
-    legacy = study.dataclasses.replace(study.FULL, distance_window_epochs=0.0, earlybird_every=-1)
+    legacy = study.dataclasses.replace(study.FULL, distance_window_epochs=0.0, earlybird_every=-1,
+                                       distance_lr_below=1.0)
     assert study.earliest_firing(legacy, data, 32) == (10 / 32, 10 / 32)
 
 
