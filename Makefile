@@ -69,7 +69,7 @@ JOBS ?= 2
 study: $(STAMP) data-fashion-mnist
 	OMP_NUM_THREADS=1 $(PY) benchmarks/study.py --jobs $(JOBS) $(ARGS)
 
-# the study's first seed (the same runs; about 10 minutes on 2 idle cores); results in runs/study/results-quick
+# the study's first seed (the same runs; about 11 minutes on 2 idle cores); results in runs/study/results-quick
 study-quick: $(STAMP) data-fashion-mnist
 	OMP_NUM_THREADS=1 $(PY) benchmarks/study.py --quick --jobs $(JOBS) $(ARGS)
 

@@ -43,8 +43,8 @@ Outputs (`--results_dir`, default docs/results): study.json (configuration, ever
 the per-cell statistics, the goals, early vs end, the replayed windows), study.md (tables), study_accuracy_vs_ratio.png and
 study_distance_curves.png. `--report_only` rebuilds them from the finished runs without training.
 
-  python benchmarks/study.py --jobs 2              # the full study (make study): 5 seeds, about 47 minutes
-  python benchmarks/study.py --quick --jobs 2      # its first seed (make study-quick), about 10 minutes
+  python benchmarks/study.py --jobs 2              # the full study (make study): 5 seeds, about 55 minutes
+  python benchmarks/study.py --quick --jobs 2      # its first seed (make study-quick), about 11 minutes
   python benchmarks/study.py --model resnet14t --seeds 0,1,2 --jobs 2   # a second (Bottleneck) architecture
   python benchmarks/study.py --smoke               # digits, one seed, tiny budgets (under 2 minutes)
   python benchmarks/study.py --plan                # list the pipeline calls and where they would go
@@ -1074,7 +1074,7 @@ def print_summary(result: dict) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="digits only, one seed, tiny budgets (< 2 minutes)")
-    parser.add_argument("--quick", action="store_true", help="the full study's first seed only (10 minutes "
+    parser.add_argument("--quick", action="store_true", help="the full study's first seed only (11 minutes "
                         "on 2 cores with --jobs 2; the same runs, so the full study continues from it); results "
                         "in <output_dir>/results-quick unless --results_dir")
     parser.add_argument("--model", default="", help="another timm model than the study's (e.g. resnet14t, a "
