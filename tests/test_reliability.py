@@ -243,16 +243,20 @@ def _kill_a_rank(launcher, out, extra=(), nproc=2, started=None):
     return log, run_dir
 
 
-# carried momentum under ZeRO-3 (ds.ZeroCarriedState): after the resume the optimizer partitions get it back
+# carried momentum under ZeRO-1 and ZeRO-3 (ds.ZeroCarriedState: ZeRO-1/2's flat fp32 partitions, ZeRO-3's
+# sharded copy): after the resume the optimizer partitions get it back
 DS_ZERO3 = ["--deepspeed", "--deepspeed_config", os.path.join(ROOT, "ds_configs", "zero3_fp32_cpu.json"),
+            "--optimizer_state", "carry"]
+DS_ZERO1 = ["--deepspeed", "--deepspeed_config", os.path.join(ROOT, "ds_configs", "zero1_fp32_cpu.json"),
             "--optimizer_state", "carry"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher,extra", [
     ("torchrun", ["--sync", "alltoall", "--optimizer_state", "carry"]),
+    ("deepspeed", DS_ZERO1),
     ("deepspeed", DS_ZERO3),
-], ids=["torchrun-alltoall-carry", "deepspeed-zero3-carry"])
+], ids=["torchrun-alltoall-carry", "deepspeed-zero1-carry", "deepspeed-zero3-carry"])
 def test_kill9_one_rank_then_resume_completes_exactly(tmp_path, launcher, extra):
     log, run_dir = _kill_a_rank(launcher, tmp_path / "killed", extra)
     if launcher == "torchrun":
@@ -261,7 +265,8 @@ def test_kill9_one_rank_then_resume_completes_exactly(tmp_path, launcher, extra)
     else:  # each worker engine's save_checkpoint: module states per filter worker (mp rank)
         latest = CheckpointStore(str(run_dir / "checkpoints")).latest()
         saved = {p.name for p in (run_dir / "checkpoints" / latest / "deepspeed" / os.path.basename(latest)).iterdir()}
-        # (ZeRO-3 names them zero_pp_rank_<replica>_mp_rank_<worker>_model_states.pt, beside optimizer partitions)
+        # (ZeRO-3 names them zero_pp_rank_<replica>_mp_rank_<worker>_model_states.pt, ZeRO-1
+        # mp_rank_<worker>_model_states.pt; both beside optimizer partitions)
         for worker in ("00", "01"):
             assert any(name.endswith(f"mp_rank_{worker}_model_states.pt") for name in saved), saved
             assert any(name.endswith(f"mp_rank_{worker}_optim_states.pt") for name in saved), saved
@@ -273,7 +278,7 @@ def test_kill9_one_rank_then_resume_completes_exactly(tmp_path, launcher, extra)
     assert shm_left_behind(cmd) == []
     # S simulated workers in one process equal S processes (and DeepSpeed ZeRO-3 equals plain LoFT):
     # the uninterrupted reference runs in one process
-    plain = ["--batch_size", "64", *DS_ZERO3[3:]] if extra == DS_ZERO3 else extra  # the config's micro batch is 64
+    plain = ["--batch_size", "64", *extra[3:]] if launcher == "deepspeed" else extra  # the configs' micro batch is 64
     assert main([*KILL, *plain, "--output_dir", str(tmp_path / "reference")]) == 0
     _same_run(tmp_path / "killed", tmp_path / "reference", same_world=False)
 
