@@ -1071,6 +1071,16 @@ def print_summary(result: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------- main
+def results_variant(spec: StudySpec, detector_windows: str) -> str:
+    """The suffix of docs/results/study-<suffix>/ for a study other than the main one ('' for the main one):
+    another model, preset, window or gate writes beside the main tables, never over them (the records
+    windows' own gate is 1: theirs are the studies from before the gate)."""
+    gate = 1.0 if detector_windows == "records" else FULL.distance_lr_below
+    return "-".join(x for x, main in ((spec.model, FULL.model), (spec.preset, FULL.preset),
+                                      (detector_windows, "epochs"),
+                                      (f"lr_below{spec.distance_lr_below:g}", f"lr_below{gate:g}")) if x != main)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="digits only, one seed, tiny budgets (< 2 minutes)")
@@ -1138,12 +1148,7 @@ def main(argv=None) -> int:
         spec = dataclasses.replace(spec, wandb_project=args.wandb_project)
     output_dir = os.path.abspath(args.output_dir or
                                  os.path.join(ROOT, "runs", "study-smoke" if args.smoke else "study"))
-    # another model or preset than the study's writes beside the main tables, never over them
-    variant = "-".join(x for x, main in ((spec.model, FULL.model), (spec.preset, FULL.preset),
-                                         (args.detector_windows, "epochs"),
-                                         (f"lr_below{spec.distance_lr_below:g}",
-                                          f"lr_below{FULL.distance_lr_below:g}")) if x != main
-                       and not (x.startswith("lr_below") and args.detector_windows == "records"))
+    variant = results_variant(spec, args.detector_windows)
     results_dir = os.path.abspath(
         args.results_dir or (os.path.join(output_dir, "results") if args.smoke
                              else os.path.join(output_dir, "results-quick") if args.quick

@@ -280,3 +280,21 @@ def test_ticket_regimes_find_the_pretrainings_pretrain_quality_made(flags):
     full = tr.build_parser().parse_args(["--train_subset", "0"])
     assert tr.rewind_round(full, "loft-L4-carry") == math.ceil(math.ceil(60000 / 64) / 4)
     assert pq.data_description(full) == "fashion_mnist train 60000 / test 2000 at 28px"
+
+
+def test_another_study_never_writes_over_the_main_tables():
+    sys.path.insert(0, os.path.dirname(STUDY))
+    import study
+
+    def variant(windows="epochs", **changes):
+        spec = study.dataclasses.replace(study.FULL, **changes)
+        if windows == "records":   # what main() does for --detector_windows records
+            spec = study.dataclasses.replace(spec, distance_window_epochs=0.0, earlybird_every=-1,
+                                             distance_lr_below=changes.get("distance_lr_below", 1.0))
+        return study.results_variant(spec, windows)
+
+    assert variant() == ""
+    assert variant(distance_lr_below=1.0) == "lr_below1"
+    assert variant("records") == "records"
+    assert variant("records", distance_lr_below=0.5) == "records-lr_below0.5"   # not over the records study
+    assert variant("records", model="resnet14t", preset="all") == "resnet14t-all-records"
