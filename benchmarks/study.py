@@ -46,6 +46,8 @@ study_distance_curves.png. `--report_only` rebuilds them from the finished runs 
   python benchmarks/study.py --jobs 2              # the full study (make study): 5 seeds, about 55 minutes
   python benchmarks/study.py --quick --jobs 2      # its first seed (make study-quick), about 11 minutes
   python benchmarks/study.py --model resnet14t --seeds 0,1,2 --jobs 2   # a second (Bottleneck) architecture
+  python benchmarks/study.py --lr_schedule cosine --methods loft-S2,dense,random,random-dense --jobs 2
+                                                   # the gated rule on a cosine schedule (docs/results/study-cosine)
   python benchmarks/study.py --smoke               # digits, one seed, tiny budgets (under 2 minutes)
   python benchmarks/study.py --plan                # list the pipeline calls and where they would go
 """
@@ -104,6 +106,7 @@ class StudySpec:
     distance_window_epochs: float = 0.0  # > 0: the filter-distance rule's window in epochs (replaces distance_window)
     earlybird_every: int = -1   # rounds between Early-Bird checks; 0 = epoch ends (its published setting); -1 = detector_every
     distance_lr_below: float = 1.0  # < 1: the stop budget's rule checks only once the lr fell to this fraction of its peak
+    lr_schedule: str = "step"   # of every pretraining: step (/10 at 50% and 75%) or cosine (to 0)
     wandb_project: str = ""   # set by --wandb: every run logs into this W&B project, one group per cell
 
 
@@ -208,7 +211,7 @@ def hparams_of(spec: StudySpec, task: Task, output_dir: str, data_root: str):
                     # the setting does not apply to dense runs: they keep "reset", the value they were
                     # hashed (stored) with before the recipe's default became "carry"
                     optimizer_state=spec.optimizer_state if method == "loft" else "reset"),
-        TrainHparams(epochs=d.epochs, rounds=d.rounds, lr=spec.lr, seed=task.seed,
+        TrainHparams(epochs=d.epochs, rounds=d.rounds, lr=spec.lr, seed=task.seed, lr_schedule=spec.lr_schedule,
                      bn_recalibration_batches=spec.bn_recalibration_batches),
         DetectorHparams(distance_every=d.detector_every, distance_window=spec.distance_window,
                         distance_window_epochs=spec.distance_window_epochs, distance_eps=spec.distance_eps,
@@ -238,7 +241,7 @@ def earlybird_every_of(spec: StudySpec, data: DataSpec) -> int:
 def earliest_firing(spec: StudySpec, data: DataSpec, rounds_per_epoch: int) -> tuple[float | None, float | None]:
     """The first epoch at which the filter-distance rule (of the stop budget) and Early-Bird can fire: once
     their windows are full (records every ``detector_every`` rounds; Early-Bird keeps 5 masks) and, with
-    ``distance_lr_below`` < 1, the step schedule's lr has fallen that far."""
+    ``distance_lr_below`` < 1, the schedule's lr has fallen that far."""
     from loft_ext.engine.loop import lr_at
     from loft_ext.plugins.distance import lr_gate_open, window_indices
 
@@ -246,7 +249,7 @@ def earliest_firing(spec: StudySpec, data: DataSpec, rounds_per_epoch: int) -> t
     total = data.rounds or data.epochs * rounds_per_epoch
     while every and first is None and every * (len(rounds) + 1) <= total:  # the plugin's own rule on the grid
         rounds.append(every * (len(rounds) + 1))
-        lr = lr_at(rounds[-1] - 1, total, spec.lr)
+        lr = lr_at(rounds[-1] - 1, total, spec.lr, spec.lr_schedule)
         if (window_indices(rounds, spec.distance_window, spec.distance_window_epochs, rounds_per_epoch)
                 and lr_gate_open(lr, spec.lr, spec.distance_lr_below)):
             first = rounds[-1] / rounds_per_epoch
@@ -938,7 +941,7 @@ def write_markdown(spec: StudySpec, result: dict, path: str, smoke: bool, missin
          "LoFT optimizer state " + ("/".join(sorted({r.get("optimizer_state") or "?" for r in runs
                                                      if r["method"] == "loft"})) or "-"),
          f"batch {spec.batch_size}",
-         f"lr {spec.lr} step schedule", f"seeds {','.join(map(str, spec.seeds))}",
+         f"lr {spec.lr} {spec.lr_schedule} schedule", f"seeds {','.join(map(str, spec.seeds))}",
          f"{spec.ticket} tickets at r = {', '.join(f'{r:g}' for r in spec.ratios)}",
          f"fine-tuning {spec.finetune_epochs} epochs (lr {spec.finetune_lr}, cosine, batch {spec.finetune_batch_size})",
          f"filter-distance rule: window {window_text(spec)}, eps {spec.distance_eps:g}{gate_text(spec)}",
@@ -1077,7 +1080,7 @@ def results_variant(spec: StudySpec, detector_windows: str) -> str:
     windows' own gate is 1: theirs are the studies from before the gate)."""
     gate = 1.0 if detector_windows == "records" else FULL.distance_lr_below
     return "-".join(x for x, main in ((spec.model, FULL.model), (spec.preset, FULL.preset),
-                                      (detector_windows, "epochs"),
+                                      (spec.lr_schedule, FULL.lr_schedule), (detector_windows, "epochs"),
                                       (f"lr_below{spec.distance_lr_below:g}", f"lr_below{gate:g}")) if x != main)
 
 
@@ -1105,6 +1108,10 @@ def main(argv=None) -> int:
                         help=f"the stop budget's filter-distance rule checks a record only once the lr is at most this "
                              f"fraction of its peak (default: the study's, {FULL.distance_lr_below:g}; 1 = always: the "
                              "study before 2026-12-07, results in an -lr_below1 variant)")
+    parser.add_argument("--lr_schedule", default="", choices=("", "step", "cosine"),
+                        help="of every pretraining (default: the study's, step: /10 at 50%% and 75%%; cosine anneals "
+                             "to 0, and with the gate's 0.5 the rule is checked in the second half); results in "
+                             "docs/results/study-cosine/ unless --results_dir")
     parser.add_argument("--datasets", default="", help="comma-separated subset of the study's data sets")
     parser.add_argument("--seeds", default="", help="comma-separated subset of the seeds")
     parser.add_argument("--budgets", default=",".join(BUDGETS), help="fixed, stop or both")
@@ -1144,6 +1151,8 @@ def main(argv=None) -> int:
         spec = dataclasses.replace(spec, distance_window_epochs=0.0, earlybird_every=-1, distance_lr_below=1.0)
     if args.distance_lr_below is not None:
         spec = dataclasses.replace(spec, distance_lr_below=args.distance_lr_below)
+    if args.lr_schedule:
+        spec = dataclasses.replace(spec, lr_schedule=args.lr_schedule)
     if args.wandb:
         spec = dataclasses.replace(spec, wandb_project=args.wandb_project)
     output_dir = os.path.abspath(args.output_dir or

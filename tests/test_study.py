@@ -110,6 +110,11 @@ def test_earliest_firing_follows_the_windows():
     # checked only once the lr fell to half its peak: the step schedule's first drop is at round 160 (of
     # 320), whose record is the first seen at 0.01
     assert study.earliest_firing(study.FULL, data, 32) == (162 / 32, 5.0)
+    # a cosine schedule falls to half its peak at the same round (half of the rounds)
+    cosine = study.dataclasses.replace(study.FULL, lr_schedule="cosine")
+    assert study.earliest_firing(cosine, data, 32) == (162 / 32, 5.0)
+    # at 0.1x: 0.5 (1 + cos(pi i / 320)) <= 0.1 from round index 255 (254.45), so the record of round 256
+    assert study.earliest_firing(study.dataclasses.replace(cosine, distance_lr_below=0.1), data, 32)[0] == 256 / 32
     # a window of 5 records: round 10; Early-Bird on the same grid: 5 checks of 2 rounds
     legacy = study.dataclasses.replace(study.FULL, distance_window_epochs=0.0, earlybird_every=-1,
                                        distance_lr_below=1.0)
@@ -298,3 +303,5 @@ def test_another_study_never_writes_over_the_main_tables():
     assert variant("records") == "records"
     assert variant("records", distance_lr_below=0.5) == "records-lr_below0.5"   # not over the records study
     assert variant("records", model="resnet14t", preset="all") == "resnet14t-all-records"
+    assert variant(lr_schedule="cosine") == "cosine"
+    assert variant(model="resnet14t", lr_schedule="cosine") == "resnet14t-cosine"
