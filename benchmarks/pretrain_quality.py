@@ -9,9 +9,11 @@ process (S simulated workers give the same run as S processes), for several seed
 |---|---|---|
 | dense | ``--method dense``, batch B, E epochs | every sample E times through the full model |
 | loft-L<k>-<state> | ``--method loft``, S workers, L = k, ``--optimizer_state`` reset/carry, batch B, E epochs | every worker sees every sample E times through its narrower sub-network: **equal samples per worker** with dense |
-| dense-flops | dense for the epochs that spend the training FLOPs of the default LoFT arm | **equal total FLOPs** with that arm |
+| dense-flops | dense for the epochs that spend the training FLOPs of the default LoFT arm: the nearest whole epochs, or with ``--dense_flops rounds`` exactly its rounds | **equal total FLOPs** with that arm |
 
-Any arm may end in ``-lr<x>`` (its base learning rate) and ``-e<n>`` (its epochs), e.g. ``loft-L4-carry-e15``.
+Any arm may end in ``-lr<x>`` (its base learning rate) and ``-e<x>`` (its epochs instead of ``--epochs``;
+a fraction such as ``dense-e3.6`` trains that many epochs' rounds, the schedule over them), e.g.
+``loft-L4-carry-e15``.
 
 Training FLOPs are 3x the forward FLOPs per sample (torch's FlopCounterMode on the full model and on
 each worker's sub-network) times the samples each network processed. Accuracy is the assembled model's
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -77,15 +80,18 @@ def data_description(args) -> str:
 
 def parse_arm(arm: str) -> dict:
     """``dense``, ``dense-flops`` or ``loft-L<k>-<reset|carry>``, each optionally followed by ``-lr<x>`` (the
-    base learning rate of that arm instead of ``--lr``) and ``-e<n>`` (its epochs instead of ``--epochs``)."""
+    base learning rate of that arm instead of ``--lr``) and ``-e<x>`` (its epochs instead of ``--epochs``; a
+    fraction trains that many epochs' rounds)."""
     parts = arm.split("-")
     extra = {"lr": None, "epochs": None}
     while len(parts) > 1 and parts[-1][:2] in ("lr", "e0", "e1", "e2", "e3", "e4", "e5", "e6", "e7", "e8", "e9"):
         key, text = ("lr", parts[-1][2:]) if parts[-1].startswith("lr") else ("epochs", parts[-1][1:])
         try:
-            value = float(text) if key == "lr" else int(text)
+            value = float(text)
         except ValueError:
             value = -1
+        if key == "epochs" and value > 0 and value.is_integer():
+            value = int(value)   # whole epochs hash as before (TrainHparams.epochs)
         if extra[key] is not None or value <= 0:
             break
         extra[key] = value
@@ -95,11 +101,39 @@ def parse_arm(arm: str) -> dict:
     if (len(parts) != 3 or parts[0] != "loft" or not parts[1].startswith("L") or not parts[1][1:].isdigit()
             or parts[2] not in ("reset", "carry")):
         raise SystemExit(f"error: arm {arm!r} is not dense, dense-flops or loft-L<k>-<reset|carry>, each with an "
-                         "optional -lr<x> and -e<epochs>")
+                         "optional -lr<x> and -e<epochs> (a whole number or a fraction, e.g. -e3.6)")
     return {"method": "loft", "local_steps": int(parts[1][1:]), "optimizer_state": parts[2], **extra}
 
 
-def hparams(args, arm: str, seed: int, epochs: int):
+def rounds_per_epoch(args, local_steps: int) -> int:
+    """The recipe's rounds per epoch (loft_ext/engine/pretrain.py): batches per worker, L to a round."""
+    return max(1, math.ceil(math.ceil((args.train_subset or 60000) / args.batch_size) / local_steps))
+
+
+def epoch_budget(args, local_steps: int, epochs: float) -> dict:
+    """TrainHparams' budget fields for ``epochs``: whole epochs as ``epochs``; a fraction as the rounds it
+    makes (``rounds`` overrides ``epochs``, and the schedule spans them)."""
+    if float(epochs).is_integer():
+        return {"epochs": int(epochs)}
+    return {"epochs": math.ceil(epochs), "rounds": max(1, round(epochs * rounds_per_epoch(args, local_steps)))}
+
+
+def dense_flops_epochs(args, flops: dict) -> float:
+    """The dense epochs that spend the default LoFT arm's training FLOPs: the nearest whole number
+    (``--dense_flops epochs``, at least 1) or exactly, to a round (``rounds``)."""
+    exact = args.epochs * args.workers * flops["loft_worker_mean"] / flops["dense"]
+    if getattr(args, "dense_flops", "epochs") == "epochs":
+        return max(1, round(exact))
+    per_epoch = rounds_per_epoch(args, parse_arm("dense")["local_steps"])
+    rounds = max(1, round(exact * per_epoch))
+    return rounds // per_epoch if rounds % per_epoch == 0 else rounds / per_epoch
+
+
+def format_epochs(epochs: float) -> str:
+    return f"{epochs}" if float(epochs).is_integer() else f"{epochs:.2f}"
+
+
+def hparams(args, arm: str, seed: int, epochs: float):
     from loft_ext.engine.config import (DataHparams, DetectorHparams, LoftHparams, ModelHparams, OutputHparams,
                                         TrainHparams)
 
@@ -112,7 +146,7 @@ def hparams(args, arm: str, seed: int, epochs: int):
                         batch_size=args.batch_size),
             LoftHparams(workers=args.workers if loft else 2, local_steps=a["local_steps"],
                         method=a["method"], optimizer_state=a["optimizer_state"]),
-            TrainHparams(epochs=epochs, lr=a["lr"] or args.lr, seed=seed),
+            TrainHparams(**epoch_budget(args, a["local_steps"], epochs), lr=a["lr"] or args.lr, seed=seed),
             DetectorHparams(distance_layers="none", earlybird=False),
             OutputHparams(output_dir=args.output_dir, tracker="none"))
 
@@ -217,7 +251,7 @@ def write_markdown(result: dict, path: str, command: str) -> None:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         rel = r["train_flops"] / dense["train_flops"] if dense else float("nan")
-        lines.append(f"| {r['arm']} | {r['epochs']} | {r['n']} | {r['test_acc_mean']:.2f} +- {r['test_acc_std']:.2f} | "
+        lines.append(f"| {r['arm']} | {format_epochs(r['epochs'])} | {r['n']} | {r['test_acc_mean']:.2f} +- {r['test_acc_std']:.2f} | "
                      f"{interval(r['vs_dense'])} | {interval(r['vs_dense_same_settings'])} | {interval(r['vs_dense_flops'])} | "
                      f"{r['samples_per_worker']} | "
                      f"{rel:.2f} | {r['sync_mib_per_rank']:.0f} |")
@@ -234,9 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arms", default="dense,loft-L4-reset,loft-L8-reset,loft-L4-carry,loft-L8-carry",
                         help="comma-separated: dense, dense-flops or loft-L<k>-<reset|carry>, each with an optional "
-                        "-lr<x> (base lr) and -e<n> (epochs)")
+                        "-lr<x> (base lr) and -e<x> (epochs; a fraction trains that many epochs' rounds)")
     parser.add_argument("--seeds", default="0,1,2,3,4")
     add_pretraining_arguments(parser)
+    parser.add_argument("--dense_flops", default="epochs", choices=("epochs", "rounds"),
+                        help="the dense-flops arm's budget: the whole epochs nearest the default LoFT arm's "
+                             "training FLOPs (epochs, at least 1), or exactly its FLOPs to a round (rounds)")
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side (one per CPU core)")
     parser.add_argument("--results", default=os.path.join(ROOT, "docs", "results", "pretrain_quality"),
                         help="path prefix of the .json and .md written")
@@ -253,11 +290,12 @@ def main(argv=None) -> int:
     make_fashion_subset(args.data_root, args.train_subset, args.test_subset)
     flops = costs(args)
     default = "loft-L4-reset"  # L=4 as the recipe; FLOPs do not depend on the optimizer state
-    flops_epochs = max(1, round(args.epochs * args.workers * flops["loft_worker_mean"] / flops["dense"]))
+    flops_epochs = dense_flops_epochs(args, flops)
+    exact = args.epochs * args.workers * flops["loft_worker_mean"] / flops["dense"]
     jobs = [(arm, seed, flops_epochs if arm.startswith("dense-flops") else parse_arm(arm)["epochs"] or args.epochs)
             for arm in arms for seed in seeds]
     print(f"{len(jobs)} runs; training FLOPs per sample: dense {flops['dense'] / 1e6:.1f}M, LoFT worker "
-          f"{flops['loft_worker_mean'] / 1e6:.1f}M; dense-flops = {flops_epochs} epochs (equal to {default})", flush=True)
+          f"{flops['loft_worker_mean'] / 1e6:.1f}M; dense-flops = {format_epochs(flops_epochs)} epochs ({default} spends {exact:.2f} dense epochs' FLOPs)", flush=True)
     runs = []
     if args.report_only:
         from loft_ext.engine.pretrain import run_pretrain  # noqa: F401  (the same hashing as a run)

@@ -205,10 +205,29 @@ def test_pretrain_quality_pairs_seeds_and_gives_a_t_interval():
 @pytest.mark.parametrize("arm, expected", [
     ("dense", {"method": "dense", "lr": None, "epochs": None}),
     ("loft-L8-carry", {"method": "loft", "local_steps": 8, "optimizer_state": "carry", "lr": None}),
-    ("loft-L4-reset-lr0.2-e15", {"method": "loft", "local_steps": 4, "lr": 0.2, "epochs": 15})])
+    ("loft-L4-reset-lr0.2-e15", {"method": "loft", "local_steps": 4, "lr": 0.2, "epochs": 15}),
+    ("dense-e3.6", {"method": "dense", "epochs": 3.6})])
 def test_pretrain_quality_arms(arm, expected):
     parsed = _pretrain_quality().parse_arm(arm)
     assert {k: parsed[k] for k in expected} == expected
+    assert type(parsed["epochs"]) is type(expected.get("epochs"))   # whole epochs stay int: hashes unchanged
+
+
+def test_equal_flops_dense_budget_in_whole_epochs_or_exact_rounds():
+    pq = _pretrain_quality()
+    # all of Fashion-MNIST: 938 batches of 64 -> 235 rounds of L=4 per epoch (the recipe's count)
+    args = pq.build_parser().parse_args(["--train_subset", "0", "--epochs", "3"])
+    assert pq.rounds_per_epoch(args, 4) == 235
+    flops = {"dense": 100.0, "loft_worker_mean": 60.0}   # S=2 -> 1.2x dense's FLOPs: 3.6 dense epochs
+    assert pq.dense_flops_epochs(args, flops) == 4
+    args.dense_flops = "rounds"
+    assert pq.dense_flops_epochs(args, flops) == 846 / 235          # round(3.6 x 235) rounds
+    assert pq.epoch_budget(args, 4, 846 / 235) == {"epochs": 4, "rounds": 846}
+    assert pq.epoch_budget(args, 4, 3) == {"epochs": 3}             # whole epochs hash as before
+    subset = pq.build_parser().parse_args(["--dense_flops", "rounds"])   # 8,000 images, 10 epochs: 32 rounds each
+    assert pq.dense_flops_epochs(subset, flops) == 12 and type(pq.dense_flops_epochs(subset, flops)) is int
+    train_hp = pq.hparams(args, "dense-flops", 0, 846 / 235)[3]
+    assert (train_hp.epochs, train_hp.rounds) == (4, 846)
 
 
 @pytest.mark.parametrize("arm", ["loft-L4", "loft-Lx-carry", "loft-L4-keep", "dense-lrx", "loft-L4-carry-e0"])
