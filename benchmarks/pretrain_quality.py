@@ -27,7 +27,9 @@ of dense") is met when the whole interval lies above -0.5 points.
     python benchmarks/pretrain_quality.py --train_subset 0 --test_subset 0 --epochs 3   # all of Fashion-MNIST
 
 Runs live in ``--output_dir`` (default runs/pretrain_quality) under their hparams hash, so a rerun skips
-finished ones. Writes ``--results`` (default docs/results/pretrain_quality.{json,md}).
+finished ones and continues an interrupted one from its last epoch-end checkpoint (``--resume latest``);
+a finished run keeps no checkpoints (``--finished_run_checkpoints delete``). Writes ``--results``
+(default docs/results/pretrain_quality.{json,md}).
 """
 from __future__ import annotations
 
@@ -182,6 +184,7 @@ def costs(args) -> dict[str, float]:
 def run_one(args, arm: str, seed: int, epochs: int) -> dict:
     import torch
 
+    from loft_ext.engine.config import CheckpointHparams
     from loft_ext.engine.pretrain import run_pretrain
 
     torch.set_num_threads(1)
@@ -192,7 +195,9 @@ def run_one(args, arm: str, seed: int, epochs: int) -> dict:
             log.write(" ".join(str(x) for x in a) + "\n")
             log.flush()
         t0 = time.time()
-        summary = run_pretrain(*hparams(args, arm, seed, epochs), print_fn=say)
+        # an interrupted run continues from its last epoch-end checkpoint; a finished one keeps none
+        summary = run_pretrain(*hparams(args, arm, seed, epochs), print_fn=say,
+                               ckpt_hp=CheckpointHparams(resume="latest", finished_run_checkpoints="delete"))
     return {"arm": arm, "seed": seed, "epochs": epochs, "run_dir": os.path.relpath(summary["run_dir"], ROOT),
             "test_acc": summary["test_acc"], "samples_per_worker": summary["samples_per_worker"],
             "samples_total": summary["samples_total"], "sync_bytes_sent": summary.get("sync_bytes_sent", 0.0),

@@ -137,8 +137,11 @@ def test_resume_from_the_epoch_end_checkpoint_is_bit_identical(tmp_path, uninter
     assert CheckpointStore(str(run_dir / "checkpoints")).complete() == ["round_000015"]
     for name in ("summary.json", "model.safetensors"):
         (run_dir / name).unlink()
-    assert main([*RUN, "--optimizer_state", "carry", "--output_dir", str(tmp_path), "--resume", "latest"]) == 0
+    assert main([*RUN, "--optimizer_state", "carry", "--output_dir", str(tmp_path), "--resume", "latest",
+                 "--finished_run_checkpoints", "delete"]) == 0
     _same_run(tmp_path, uninterrupted)
+    # a finished run's resume checkpoints go when asked (a sweep's disk), its model and logs stay
+    assert not (run_dir / "checkpoints").exists() and (run_dir / "model.safetensors").exists()
 
 
 @pytest.mark.slow

@@ -128,6 +128,10 @@ class CheckpointHparams(Hparams):
                                   "0 = at every epoch end, -1 = only when preempted (SIGTERM/SIGINT)")
     keep_checkpoints: int = field(2, "complete checkpoints kept (older ones are deleted after a new one is "
                                   "committed)")
+    finished_run_checkpoints: str = field("keep", "the resume checkpoints once the run has finished "
+                                          "(summary.json written): keep them (to inspect or extend the run) or "
+                                          "delete them (sweeps of many runs: the model and logs stay)",
+                                          ("keep", "delete"))
     resume: str = field("", "continue an unfinished run: 'latest' (the newest complete checkpoint in the run "
                         "directory; a fresh start if there is none) or a checkpoint directory")
     collective_timeout: float = field(1800.0, "seconds any collective may wait; a rank that died or hangs ends "

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import time
 
@@ -118,6 +119,13 @@ def communication_failed(exc: BaseException) -> bool:
     return isinstance(exc, dist.DistError) or any(w in str(exc).lower() for w in _COMMUNICATION_WORDS)
 
 
+def drop_finished_checkpoints(run_dir: str, ckpt_hp: CheckpointHparams) -> None:
+    """With ``--finished_run_checkpoints delete``, a finished run's resume checkpoints go (its model,
+    logs and summary stay): a sweep of hundreds of runs need not keep two full states of each."""
+    if ckpt_hp.finished_run_checkpoints == "delete":
+        shutil.rmtree(os.path.join(run_dir, CHECKPOINT_DIR), ignore_errors=True)
+
+
 def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHparams,
                  train_hp: TrainHparams, det_hp: DetectorHparams, out_hp: OutputHparams,
                  print_fn=print, accelerator=None, rewind_round: int = 0,
@@ -220,6 +228,8 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
             summary = json.load(f)
         say(f"pretraining {run_dir} already finished (test acc {100 * summary['test_acc']:.2f}%); "
             "pass --force to train it again")
+        if main:
+            drop_finished_checkpoints(run_dir, ckpt_hp)
         return {**summary, "run_dir": run_dir, "skipped": True}
     if main and resume_from is None:
         save_weights(model, os.path.join(run_dir, "init.safetensors"))
@@ -361,4 +371,6 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
     logger.close()
     if grid is not None:
         dist.barrier()  # nobody exits (and tears the group down) while another rank still reads
+    if main:  # every rank is past its last checkpoint
+        drop_finished_checkpoints(run_dir, ckpt_hp)
     return {**summary, "run_dir": run_dir, "skipped": False}
