@@ -370,7 +370,9 @@ def _run_task(spec: StudySpec, task: Task, output_dir: str, data_root: str, log_
     pre, tickets = hparams_of(spec, task, output_dir, data_root)
     extra = pipeline_kwargs(run_pipeline)
     os.makedirs(log_dir, exist_ok=True)
-    log_path = os.path.join(log_dir, f"{spec.model}_" + task.key.replace("/", "_") + ".log")  # --model: own logs
+    # named by the cell and the run directory: another variant's run of the same cell (--model, --preset,
+    # --lr_schedule, ...) writes its own log
+    log_path = os.path.join(log_dir, task.key.replace("/", "_") + f"_{os.path.basename(run_dir_of(pre, output_dir))}.log")
     t0 = time.time()
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     with open(log_path, "a") as log:
