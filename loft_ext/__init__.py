@@ -11,6 +11,7 @@ from .engine.loop import fit, local_step, lr_at
 from .errors import ConfigError, LoftError, PluginError, Preempted, TrainingFailure, report_failure
 from .evaluation import evaluate, recalibrate_bn
 from .models import create_model
+from .partition.check import check_plan
 from .partition.plan import PRESETS, PartitionPlan, make_plan
 from .plugins.base import EVENTS, LoftRun, Plugin
 from .plugins.distance import DistanceStop, FilterDistance
@@ -29,7 +30,7 @@ __version__ = "0.2.0"
 __all__ = [
     "LoFT", "LoFTConfig", "RunState", "fit", "local_step", "lr_at",
     "LoftError", "ConfigError", "TrainingFailure", "PluginError", "Preempted", "report_failure",
-    "evaluate", "recalibrate_bn", "create_model", "make_plan", "PartitionPlan", "PRESETS",
+    "evaluate", "recalibrate_bn", "create_model", "make_plan", "check_plan", "PartitionPlan", "PRESETS",
     "Plugin", "LoftRun", "EVENTS", "register_plugin", "create_plugin", "available_plugins",
     "Progress", "FilterDistance", "DistanceStop", "EarlyBird", "NonFiniteGuard", "Preemption", "SaveWeights",
     "TicketDrawer", "MaskEnforcement", "draw_ticket", "Ticket", "compact_model", "save_masks", "load_masks",

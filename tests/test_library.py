@@ -362,3 +362,10 @@ def test_recalibrate_bn_in_place_is_what_evaluate_does_on_a_copy():
     assert loft_ext.evaluate(tuned, test) == on_copy
     changed = [k for k, v in tuned.state_dict().items() if not torch.equal(before[k], v)]
     assert changed and all(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in changed)
+
+
+def test_a_user_checks_a_plan_on_their_own_model_through_the_public_api():
+    """The exactness check a user runs on their model before training it with LoFT (docs/library.md)."""
+    model = loft_ext.create_model("resnet10t", 10, 3)
+    plan = loft_ext.make_plan(model, 2, "one_dim", (1, 3, 32, 32), "resnet10t")
+    assert len(plan.split) == 5 and loft_ext.check_plan(model, plan) == []
