@@ -107,9 +107,14 @@ def parse_arm(arm: str) -> dict:
     return {"method": "loft", "local_steps": int(parts[1][1:]), "optimizer_state": parts[2], **extra}
 
 
+def batches_per_epoch(args) -> int:
+    """Batches per worker and epoch of the training subset (0 = all 60,000 images)."""
+    return math.ceil((args.train_subset or 60000) / args.batch_size)
+
+
 def rounds_per_epoch(args, local_steps: int) -> int:
     """The recipe's rounds per epoch (loft_ext/engine/pretrain.py): batches per worker, L to a round."""
-    return max(1, math.ceil(math.ceil((args.train_subset or 60000) / args.batch_size) / local_steps))
+    return max(1, math.ceil(batches_per_epoch(args) / local_steps))
 
 
 def epoch_budget(args, local_steps: int, epochs: float) -> dict:
@@ -124,7 +129,7 @@ def dense_flops_epochs(args, flops: dict) -> float:
     """The dense epochs that spend the default LoFT arm's training FLOPs: the nearest whole number
     (``--dense_flops epochs``, at least 1) or exactly, to a round (``rounds``)."""
     exact = args.epochs * args.workers * flops["loft_worker_mean"] / flops["dense"]
-    if getattr(args, "dense_flops", "epochs") == "epochs":
+    if args.dense_flops == "epochs":
         return max(1, round(exact))
     per_epoch = rounds_per_epoch(args, parse_arm("dense")["local_steps"])
     rounds = max(1, round(exact * per_epoch))

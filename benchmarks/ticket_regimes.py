@@ -88,7 +88,7 @@ def random_label(source: str) -> str:
 
 def rewind_round(args, source: str) -> int:
     """The round that ends ``--rewind_epoch`` epochs at ``source``'s local steps (rounded up)."""
-    batches = math.ceil((args.train_subset or 60000) / args.batch_size)
+    batches = pretrain_quality.batches_per_epoch(args)
     return max(1, math.ceil(args.rewind_epoch * batches / pretrain_quality.parse_arm(source)["local_steps"]))
 
 
