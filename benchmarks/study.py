@@ -335,14 +335,16 @@ def make_fashion_subset(data_root: str, train: int, test: int) -> str:
 
 # ---------------------------------------------------------------------------------------- running
 def pipeline_kwargs(run_pipeline) -> dict:
-    """Checkpoints only when interrupted (SIGINT/SIGTERM), and resume from one if it is there, where the
-    installed pipeline has checkpointing; nothing otherwise."""
+    """A checkpoint at every epoch end and when interrupted (SIGINT/SIGTERM), resume from the latest, and
+    none kept once a pretraining has finished, where the installed pipeline has checkpointing; nothing
+    otherwise. (Checkpoints are not hashed: the run directories are the same either way.)"""
     import inspect
 
     from loft_ext.engine import config as runner
 
     if "ckpt_hp" in inspect.signature(run_pipeline).parameters and hasattr(runner, "CheckpointHparams"):
-        return {"ckpt_hp": runner.CheckpointHparams(checkpoint_every=-1, resume="latest")}
+        return {"ckpt_hp": runner.CheckpointHparams(checkpoint_every=0, resume="latest",
+                                                     finished_run_checkpoints="delete")}
     return {}
 
 

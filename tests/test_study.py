@@ -55,6 +55,9 @@ def test_smoke_study_writes_every_method_and_resumes(tmp_path):
             assert 1.8 < r["sync_bytes_per_rank"] / reset <= 2.0
     table = (results / "study.md").read_text()
     assert all(f"| {m} |" in table for m in METHODS) and "## Goals" in table
+    # pretrainings checkpoint every epoch (a kill -9 loses one epoch at most) and keep none once finished
+    finished = [d for d in (tmp_path / "runs").iterdir() if (d / "summary.json").is_file()]
+    assert len(finished) == 7 and not any((d / "checkpoints").exists() for d in finished)
 
     # resumable: running it again (in this process: --jobs 1) trains nothing, every pipeline stage is
     # skipped, and the outputs are written again
