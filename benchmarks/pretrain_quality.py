@@ -61,7 +61,7 @@ def add_pretraining_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags that make a pretraining's hparams (``hparams``): scripts that reuse these runs
     (ticket_regimes.py) take the same flags, so they find the same run directories."""
     parser.add_argument("--model", default="resnet10t")
-    parser.add_argument("--preset", default="all", help="the LoFT arms' partition preset (all, paper, one_dim); dense "
+    parser.add_argument("--preset", default="all", help="the LoFT arms' partition preset (all, paper, one_dim, one_dim_flops); dense "
                         "runs split nothing and are shared by every preset")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch_size", type=int, default=64)

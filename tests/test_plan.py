@@ -162,26 +162,67 @@ def test_a_model_on_another_device_is_planned_where_it_lives():
     assert on_meta.to_dict() == on_cpu.to_dict() and len(on_cpu.split) == 8
 
 
+@pytest.mark.parametrize("preset", ["one_dim", "one_dim_flops"])
 @pytest.mark.parametrize("name", FAMILIES)
-def test_preset_one_dim_divides_no_tensor_along_two_dims_and_trains_every_entry(model_cache, name):
-    """``one_dim``: of the groups ``all`` splits, a later group that would cut a tensor along a second dim stays
-    shared (with the reason), so in every round some worker holds every entry of every tensor."""
+def test_preset_one_dim_divides_no_tensor_along_two_dims_and_trains_every_entry(model_cache, name, preset):
+    """``one_dim`` (and ``one_dim_flops``): of the groups ``all`` splits, a group that would cut a tensor along a
+    second dim stays shared (with the reason), so in every round some worker holds every entry of every tensor."""
     from loft_ext.partition.subnet import covered_mask, draw_partition
 
     model = model_cache(name)
-    every, one = make_plan(model, 2, "all", model_name=name), make_plan(model, 2, "one_dim", model_name=name)
+    every, one = make_plan(model, 2, "all", model_name=name), make_plan(model, 2, preset, model_name=name)
     dims = {}
     for g in one.split:
         for d in g.dims:
             assert dims.setdefault(d.name, d.dim) == d.dim, (d.name, g.name)
     assert {g.name for g in one.split} <= {g.name for g in every.split}
     kept = {g.name for g in every.split} - {g.name for g in one.split}
-    assert all(any("preset one_dim" in r for r in g.reasons) for g in one.shared if g.name in kept)
+    assert all(any(f"preset {preset}:" in r for r in g.reasons) for g in one.shared if g.name in kept)
     part = draw_partition(one, 0, 1)
     tensors = dict(model.state_dict())
     assert all(bool(covered_mask(one, part, n, tensors[n].shape).all()) for n in dims)
     # S=1 (the ticket stage's plan) divides nothing, so one_dim keeps every group there
-    assert len(make_plan(model, 1, "one_dim", model_name=name).split) == len(make_plan(model, 1, "all", model_name=name).split)
+    assert len(make_plan(model, 1, preset, model_name=name).split) == len(make_plan(model, 1, "all", model_name=name).split)
+
+
+def _worker_macs(model, plan, input_shape):
+    from loft_ext.partition.plan import weight_macs
+    from loft_ext.partition.subnet import build_subnet
+
+    return [sum(weight_macs(build_subnet(model, plan, s), input_shape).values()) for s in range(plan.workers)]
+
+
+def test_preset_one_dim_flops_makes_the_costlier_cut_and_splits_exactly(model_cache):
+    """On resnet10t's deep stem (conv 1->24, 24->32, 32->64) ``one_dim`` splits the first conv's output and must
+    then keep the middle conv's output shared; ``one_dim_flops`` splits the middle one (it divides the middle and
+    the last conv, far more multiply-adds), so the workers compute less, and the split is still exact."""
+    from loft_ext.partition.check import check_plan
+    from loft_ext.partition.plan import weight_macs
+
+    shape = (1, 1, 28, 28)
+    model = model_cache("resnet10t", 10, 1)
+    one, lean = (make_plan(model, 2, p, shape, "resnet10t") for p in ("one_dim", "one_dim_flops"))
+    assert "conv1.0" in {g.name for g in one.split} and "conv1.3" not in {g.name for g in one.split}
+    assert "conv1.3" in {g.name for g in lean.split} and "conv1.0" not in {g.name for g in lean.split}
+    full = sum(weight_macs(model, shape).values())
+    assert sum(_worker_macs(model, lean, shape)) / full < 1.05 < 1.15 < sum(_worker_macs(model, one, shape)) / full
+    for workers in (2, 4):
+        assert check_plan(model, make_plan(model, workers, "one_dim_flops", shape, "resnet10t")) == []
+    bottleneck = model_cache("resnet14t", 10, 1)
+    assert check_plan(bottleneck, make_plan(bottleneck, 2, "one_dim_flops", shape, "resnet14t")) == []
+
+
+def test_counting_multiply_adds_leaves_the_model_as_it_was(model_cache):
+    """The plan's forward pass (``one_dim_flops``) runs in eval mode: BatchNorm running statistics are not
+    updated and the training flag is restored."""
+    from loft_ext.partition.plan import weight_macs
+
+    model = model_cache("resnet18").train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    macs = weight_macs(model, (1, 3, 32, 32))
+    assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # conv1: 64 x 3 x 7 x 7 weights applied at 16 x 16 output positions; fc: 10 x 512
+    assert macs["conv1.weight"] == 64 * 3 * 49 * 16 * 16 and macs["fc.weight"] == 10 * 512
 
 
 def test_preset_one_dim_on_a_bottleneck_splits_conv2_on_its_input_only(model_cache):
