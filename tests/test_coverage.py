@@ -79,5 +79,13 @@ def test_the_default_preset_splits_exactly(name, what, groups):
     assert rec["groups"] < run_one(name, check_workers=(), preset="all")["groups"]
 
 
+@pytest.mark.parametrize("name", ["efficientnet_b0", "inception_v3", "resnet14t"])
+def test_the_cheapest_one_dim_cuts_split_exactly(name):
+    """``one_dim_flops`` (docs/results/timm_coverage-one_dim_flops.md) chooses other groups than ``one_dim`` on
+    these (a deep stem's chain, parallel branches, inverted residuals); each split is still exact."""
+    rec = run_one(name, check_workers=(2, 4), preset="one_dim_flops")
+    assert rec["status"] == "split" and rec["exact"] and rec["failures"] == [], rec
+
+
 def test_sample_spans_the_issue_families():
     assert len(SAMPLE) + len(SLOW) >= 25
