@@ -314,9 +314,9 @@ def make_plan(model: nn.Module, workers: int, preset: str = DEFAULT_PRESET,
     if preset == "one_dim_flops" and workers > 1:
         # the splittable groups that save the most multiply-adds together are decided first; every other one
         # then meets a tensor they cut along another dim and stays shared
-        macs = weight_macs(model, input_shape)
-        saved = {i: sum(macs.get(name, 0) for name in {d.name for d in sp.dims})
-                 for i, sp in enumerate(spaces) if not base[i]}
+        candidates = [i for i in range(len(spaces)) if not base[i]]
+        macs = weight_macs(model, input_shape) if candidates else {}  # no forward pass when nothing can split
+        saved = {i: sum(macs.get(name, 0) for name in {d.name for d in spaces[i].dims}) for i in candidates}
         first = most_saving_groups(saved, {i: spaces[i].dims for i in saved})
         order = sorted(range(len(spaces)), key=lambda i: (i not in first, i))
     else:
