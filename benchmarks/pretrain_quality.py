@@ -9,7 +9,7 @@ process (S simulated workers give the same run as S processes), for several seed
 |---|---|---|
 | dense | ``--method dense``, batch B, E epochs | every sample E times through the full model |
 | loft-L<k>-<state> | ``--method loft``, S workers, L = k, ``--optimizer_state`` reset/carry, batch B, E epochs | every worker sees every sample E times through its narrower sub-network: **equal samples per worker** with dense |
-| dense-flops | dense for the epochs that spend the training FLOPs of the default LoFT arm: the nearest whole epochs, or with ``--dense_flops rounds`` exactly its rounds | **equal total FLOPs** with that arm |
+| dense-flops | dense for the epochs that spend the training FLOPs of LoFT at L=4 (either optimizer state): the nearest whole epochs, or with ``--dense_flops rounds`` exactly its rounds | **equal total FLOPs** with that arm |
 
 Any arm may end in ``-lr<x>`` (its base learning rate) and ``-e<x>`` (its epochs instead of ``--epochs``;
 a fraction such as ``dense-e3.6`` trains that many epochs' rounds, the schedule over them), e.g.
@@ -126,7 +126,7 @@ def epoch_budget(args, local_steps: int, epochs: float) -> dict:
 
 
 def dense_flops_epochs(args, flops: dict) -> float:
-    """The dense epochs that spend the default LoFT arm's training FLOPs: the nearest whole number
+    """The dense epochs that spend the training FLOPs of LoFT at L=4: the nearest whole number
     (``--dense_flops epochs``, at least 1) or exactly, to a round (``rounds``)."""
     exact = args.epochs * args.workers * flops["loft_worker_mean"] / flops["dense"]
     if args.dense_flops == "epochs":
@@ -266,7 +266,7 @@ def write_markdown(result: dict, path: str, command: str) -> None:
                      f"{r['samples_per_worker']} | "
                      f"{rel:.2f} | {r['sync_mib_per_rank']:.0f} |")
     lines += ["", "`dense` and the LoFT arms process the same samples per worker; `dense-flops` spends the "
-              "training FLOPs of the default LoFT arm (3 x forward FLOPs per sample x samples). `sync MiB/rank`: "
+              "training FLOPs of LoFT at L=4 (3 x forward FLOPs per sample x samples). `sync MiB/rank`: "
               "what one rank sends in pretraining when the S workers are S processes (allgather, fp32; "
               "analytic, equal to the measured count); dense in one process sends nothing. "
               "Raw numbers: pretrain_quality.json.", ""]
@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", default="0,1,2,3,4")
     add_pretraining_arguments(parser)
     parser.add_argument("--dense_flops", default="epochs", choices=("epochs", "rounds"),
-                        help="the dense-flops arm's budget: the whole epochs nearest the default LoFT arm's "
+                        help="the dense-flops arm's budget: the whole epochs nearest LoFT at L=4's "
                              "training FLOPs (epochs, at least 1), or exactly its FLOPs to a round (rounds)")
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side (one per CPU core)")
     parser.add_argument("--results", default=os.path.join(ROOT, "docs", "results", "pretrain_quality"),
@@ -299,13 +299,12 @@ def main(argv=None) -> int:
     seeds = parse_seeds(args.seeds)
     make_fashion_subset(args.data_root, args.train_subset, args.test_subset)
     flops = costs(args)
-    default = "loft-L4-reset"  # L=4 as the recipe; FLOPs do not depend on the optimizer state
     flops_epochs = dense_flops_epochs(args, flops)
     exact = args.epochs * args.workers * flops["loft_worker_mean"] / flops["dense"]
     jobs = [(arm, seed, flops_epochs if arm.startswith("dense-flops") else parse_arm(arm)["epochs"] or args.epochs)
             for arm in arms for seed in seeds]
     print(f"{len(jobs)} runs; training FLOPs per sample: dense {flops['dense'] / 1e6:.1f}M, LoFT worker "
-          f"{flops['loft_worker_mean'] / 1e6:.1f}M; dense-flops = {format_epochs(flops_epochs)} epochs ({default} spends {exact:.2f} dense epochs' FLOPs)", flush=True)
+          f"{flops['loft_worker_mean'] / 1e6:.1f}M; dense-flops = {format_epochs(flops_epochs)} epochs (LoFT at L=4 spends {exact:.2f} dense epochs' FLOPs)", flush=True)
     runs = []
     if args.report_only:
         from loft_ext.engine.pretrain import run_pretrain  # noqa: F401  (the same hashing as a run)
