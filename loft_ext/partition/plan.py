@@ -39,7 +39,8 @@ DEFAULT_PRESET = "one_dim"  # with optimizer_state carry, the LoFT model that ma
 PRESET_HELP = ("channel groups to split: 'paper' (stem, head, first stage and first block of each stage shared, "
                "as the authors' release), 'all' (every splittable group), 'one_dim' (all, but no tensor divided "
                "along two dims: a Bottleneck's conv2->conv3 group stays shared so every weight trains each round) or "
-               "'one_dim_flops' (one_dim's rule, choosing the cuts that save the most FLOPs)")
+               "'one_dim_flops' (one_dim's rule, choosing the cuts that save the most FLOPs; on resnet14t that cost "
+               "2.7 points of model quality against one_dim, docs/results.md)")
 
 
 @dataclass(frozen=True)
