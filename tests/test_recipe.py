@@ -36,6 +36,16 @@ def test_recipe_trains_prints_and_never_overwrites(tmp_path):
     # the same run again does not train over the finished one
     again = _run(SMALL, tmp_path)
     assert again.returncode == 0 and "already finished" in again.stdout
+    # a run directory whose stored plan splits other groups (a preset's rule or timm's graph changed since) is
+    # not taken for this run's: one line naming both plans' differences and the fix
+    plan_path = run_dir / "plan.json"
+    plan = json.loads(plan_path.read_text())
+    plan["split"][0]["name"] = "conv_renamed"
+    plan_path.write_text(json.dumps(plan))
+    other = _run(SMALL, tmp_path)
+    assert other.returncode == 2 and other.stderr.count("\n") == 1, other.stderr[-2000:]
+    assert "another partition plan" in other.stderr and "split there only: conv_renamed" in other.stderr
+    assert "--force" in other.stderr and (run_dir / "summary.json").exists()
     forced = _run(SMALL + ["--force"], tmp_path)
     assert forced.returncode == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == [run_dir.name, run_dir.name + ".old-1"]

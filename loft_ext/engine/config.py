@@ -143,8 +143,9 @@ class OutputHparams(Hparams):
     """Output and runtime"""
 
     output_dir: str = field("runs", "runs are stored in <output_dir>/<model>-<hash of hparams>/")
-    force: bool = field(False, "retrain a run that already finished, or restart an unfinished one that has "
-                        "checkpoints (the old directory is kept, renamed)")
+    force: bool = field(False, "retrain a run that already finished, restart an unfinished one that has "
+                        "checkpoints, or retrain one whose plan.json splits other groups than this code's plan "
+                        "(the old directory is kept, renamed)")
     mixed_precision: str = field("no", "autocast for the workers' forward passes (bf16 on GPU)", ("no", "bf16"))
     channels_last: bool = field(False, "channels_last memory format for conv weights and input batches, in "
                                 "pretraining and fine-tuning (timm's --channels-last: faster convolutions with "

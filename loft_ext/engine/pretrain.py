@@ -45,8 +45,8 @@ from .config import (CheckpointHparams, DataHparams, DeepSpeedHparams, DetectorH
 from .debug import DebugHashes
 from .helper import LoFT, LoFTConfig
 from .loop import fit, local_step, lr_at
-from .setup import (deepspeed_from_launcher, fsdp_from_launcher, prepare_run_dir, start_accelerator, start_tracker,
-                    tracker_mode, truncate_logs)
+from .setup import (check_stored_plan, deepspeed_from_launcher, fsdp_from_launcher, prepare_run_dir,
+                    start_accelerator, start_tracker, tracker_mode, truncate_logs)
 
 
 def build_plugins(det_hp: DetectorHparams, out_hp: OutputHparams, main: bool, print_fn, run_dir: str,
@@ -207,6 +207,7 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
                 "workers": workers, "replicas": replicas, "world": world, "preset": model_hp.preset,
                 "sync": loft_hp.sync, "optimizer_state": optimizer_state, "deepspeed": ds_cfg is not None,
                 "hparams": json.loads(json.dumps(config, default=list))}
+    check_stored_plan(run_dir, plan, out_hp.force, ckpt_hp.resume)
     resume_from, start_round = None, 0
     if not os.path.exists(os.path.join(run_dir, "summary.json")):
         try:  # checked before the run directory is touched

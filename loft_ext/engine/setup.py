@@ -173,6 +173,33 @@ def prepare_run_dir(output_dir: str, name: str, force: bool, resume: str = "") -
     return run_dir, done
 
 
+def check_stored_plan(run_dir: str, plan, force: bool, resume: str = "") -> None:
+    """Refuse a run directory whose plan.json splits other channel groups than ``plan``. Run directories are
+    named by the hash of the hparams, not of the plan they make; when a preset's rule or the model's graph
+    (a timm upgrade) changes, the same name would otherwise serve a finished or checkpointed run of another
+    partition as this one. ``--force`` without ``--resume`` renames the old directory anyway, so it passes;
+    an unreadable plan.json (a run killed while writing it) cannot be compared and is rewritten."""
+    path = os.path.join(run_dir, "plan.json")
+    if (force and not resume) or not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            stored = json.load(f)
+        before = {g["name"]: g["channels"] for g in stored["split"]}
+        workers = stored["workers"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    now = {g.name: g.channels for g in plan.split}
+    if before == now and workers == plan.workers:
+        return
+    gone = ", ".join(sorted(set(before) - set(now))) or "none"
+    new = ", ".join(sorted(set(now) - set(before))) or "none"
+    raise ConfigError(f"{run_dir} was made with another partition plan than this code makes for the same hparams "
+                      f"(split there only: {gone}; split now only: {new}): the preset's rule or the model's graph "
+                      "has changed since, so its results are not this run's; pass --force to train it again (the "
+                      "old directory is kept, renamed) or choose another --output_dir")
+
+
 def truncate_logs(run_dir: str, rounds_done: int) -> None:
     """Keep only log lines of rounds up to ``rounds_done`` (a resumed run rewrites the rest)."""
     for log in ("metrics.jsonl", "rounds.jsonl"):
