@@ -194,10 +194,12 @@ def check_stored_plan(run_dir: str, plan, force: bool, resume: str = "") -> None
         return
     gone = ", ".join(sorted(set(before) - set(now))) or "none"
     new = ", ".join(sorted(set(now) - set(before))) or "none"
+    resized = ", ".join(sorted(n for n in set(before) & set(now) if before[n] != now[n]))
+    resized = f"; other channel counts: {resized}" if resized else ""
     raise ConfigError(f"{run_dir} was made with another partition plan than this code makes for the same hparams "
-                      f"(split there only: {gone}; split now only: {new}): the preset's rule or the model's graph "
-                      "has changed since, so its results are not this run's; pass --force to train it again (the "
-                      "old directory is kept, renamed) or choose another --output_dir")
+                      f"(split there only: {gone}; split now only: {new}{resized}): the preset's rule or the "
+                      "model's graph has changed since, so its results are not this run's; pass --force to train it "
+                      "again (the old directory is kept, renamed) or choose another --output_dir")
 
 
 def truncate_logs(run_dir: str, rounds_done: int) -> None:
