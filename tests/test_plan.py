@@ -212,6 +212,25 @@ def test_preset_one_dim_flops_makes_the_costlier_cut_and_splits_exactly(model_ca
     assert check_plan(bottleneck, make_plan(bottleneck, 2, "one_dim_flops", shape, "resnet14t")) == []
 
 
+def test_one_dim_flops_keeps_the_stem_output_that_enters_the_blocks_shared(model_cache):
+    """The stem's output of a Bottleneck ResNet enters layer1.0's conv1 and its shortcut, not a residual add,
+    so it is splittable; splitting it (the most saving set) cost resnet14t 2.7 points (docs/results.md). Under
+    ``one_dim_flops`` a group made outside the residual blocks and read by a block stays shared, naming the
+    block tensor; the stem's inner groups and the blocks' groups are chosen by savings as before."""
+    plan = make_plan(model_cache("resnet14t", 10, 1), 2, "one_dim_flops", (1, 1, 28, 28), "resnet14t")
+    assert [g.name for g in plan.split] == ["conv1.3", "layer1.0.conv2", "layer2.0.conv1", "layer3.0.conv1",
+                                            "layer4.0.conv1"]
+    stem_out = next(g for g in plan.shared if g.name == "conv1.6")
+    assert stem_out.reasons == ["preset one_dim_flops: made outside the residual blocks and read by them "
+                                "(layer1.0.conv1.weight); split, each worker's blocks would see only part of them"]
+    # a plain stem (resnet50's conv1) and an EfficientNet's conv_stem are kept the same way; S=1 splits it as all
+    for name, stem in (("resnet50", "conv1"), ("efficientnet_b0", "conv_stem")):
+        model = model_cache(name)
+        assert stem in {g.name for g in make_plan(model, 2, "all", model_name=name).split}
+        assert stem in {g.name for g in make_plan(model, 2, "one_dim_flops", model_name=name).shared}
+        assert stem in {g.name for g in make_plan(model, 1, "one_dim_flops", model_name=name).split}
+
+
 def test_the_cheapest_set_of_cuts_is_chosen_exactly():
     """A chain a - b - c of groups (a and b cut one tensor along different dims, b and c another): greedy by
     saving takes b alone (4); the best set is a and c (3 + 3). Isolated groups are always taken; equal sums go

@@ -19,8 +19,11 @@ shared with the reason. Presets choose among the splittable groups:
   it splits the set that saves the most multiply-adds together (counted in one forward pass at the plan's
   input shape; :func:`most_saving_groups`) instead of first come, blocks first. On resnet10t's deep stem it
   splits the middle conv's output (halving the middle and the last conv) rather than the first conv's: the
-  two S=2 workers compute 1.02x the full model's FLOPs instead of ``one_dim``'s 1.20x (resnet14t 1.31x
-  instead of 1.47x, efficientnet_b0 at 64 px 1.00x instead of 1.06x); never more than ``one_dim``.
+  two S=2 workers compute 1.02x the full model's FLOPs instead of ``one_dim``'s 1.20x (efficientnet_b0 at
+  64 px 1.00x instead of 1.06x). A group made outside the residual blocks and read by a block (a Bottleneck
+  ResNet's stem output) stays shared, as ``one_dim``'s blocks-first order keeps it on every ResNet: splitting
+  it, each worker's blocks see only part of the stem's features, which cost resnet14t 2.7 points
+  (docs/results.md); with it shared resnet14t's workers compute 1.34x instead of ``one_dim``'s 1.47x.
 """
 from __future__ import annotations
 
@@ -238,6 +241,15 @@ def _base_reasons(sp, info: BlockInfo | None, preset: str, workers: int) -> list
     return reasons
 
 
+def _block_tensor_of_stem_group(sp, blocks: dict[str, BlockInfo]) -> str | None:
+    """The first block tensor that a group produced outside the residual blocks runs along (the stem's output
+    entering the first block), or None. ``one_dim`` never splits such a group on a ResNet (a block group takes
+    the tensor first); under ``one_dim_flops`` splitting it cost resnet14t 2 points (docs/results.md)."""
+    if sp.producer in blocks:
+        return None
+    return next((d.name for d in sp.dims if d.name.rsplit(".", 1)[0] in blocks), None)
+
+
 EXACT_COMPONENT = 40  # conflict components up to this many groups are chosen exactly
 
 
@@ -313,6 +325,11 @@ def make_plan(model: nn.Module, workers: int, preset: str = DEFAULT_PRESET,
     cut: dict[str, tuple[int, str]] = {}  # one_dim: tensor -> (dim, group) of the split group that divides it
     base = [_base_reasons(sp, blocks.get(sp.producer), preset, workers) for sp in spaces]
     if preset == "one_dim_flops" and workers > 1:
+        for sp, reasons in zip(spaces, base):
+            entry = _block_tensor_of_stem_group(sp, blocks)
+            if not reasons and entry:
+                reasons.append(f"preset one_dim_flops: made outside the residual blocks and read by them ({entry}); "
+                               "split, each worker's blocks would see only part of them")
         # the splittable groups that save the most multiply-adds together are decided first; every other one
         # then meets a tensor they cut along another dim and stays shared
         candidates = [i for i in range(len(spaces)) if not base[i]]
