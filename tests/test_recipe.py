@@ -27,7 +27,8 @@ def test_recipe_trains_prints_and_never_overwrites(tmp_path):
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.startswith("epoch")]
     assert len(lines) == 1  # 44 steps/epoch at batch 32 -> 15 rounds/epoch: the only epoch line is round 6 (last)
-    (run_dir,) = [d for d in tmp_path.iterdir()]
+    (run_dir,) = [d for d in tmp_path.iterdir() if d.is_dir()]
+    assert (tmp_path / f".{run_dir.name}.lock").read_text().startswith("pid ")  # beside the run, released
     assert {"hparams.json", "plan.json", "metrics.jsonl", "summary.json", "init.safetensors",
             "model.safetensors"} <= set(os.listdir(run_dir))
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -36,6 +37,20 @@ def test_recipe_trains_prints_and_never_overwrites(tmp_path):
     # the same run again does not train over the finished one
     again = _run(SMALL, tmp_path)
     assert again.returncode == 0 and "already finished" in again.stdout
+    # a launch while another process trains the same run directory is refused, even with --force (which
+    # would rename the directory under the other process), and nothing is moved
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom loft_ext.engine.setup import lock_run\n"
+                               "lock_run(sys.argv[1], sys.argv[2]); print('held', flush=True); time.sleep(600)",
+                               str(tmp_path), run_dir.name], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        busy = _run(SMALL + ["--force"], tmp_path)
+        assert busy.returncode == 2 and busy.stderr.count("\n") == 1, busy.stderr[-2000:]
+        assert f"another process (pid {holder.pid} on " in busy.stderr and "--resume latest" in busy.stderr
+        assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == [run_dir.name]
+    finally:
+        holder.kill()
+        holder.wait()
     # a run directory whose stored plan splits other groups (a preset's rule or timm's graph changed since) is
     # not taken for this run's: one line naming both plans' differences and the fix
     plan_path = run_dir / "plan.json"
@@ -48,7 +63,7 @@ def test_recipe_trains_prints_and_never_overwrites(tmp_path):
     assert "--force" in other.stderr and (run_dir / "summary.json").exists()
     forced = _run(SMALL + ["--force"], tmp_path)
     assert forced.returncode == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == [run_dir.name, run_dir.name + ".old-1"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [run_dir.name, run_dir.name + ".old-1"]
 
 
 def test_help_lists_every_flag():

@@ -45,8 +45,8 @@ from .config import (CheckpointHparams, DataHparams, DeepSpeedHparams, DetectorH
 from .debug import DebugHashes
 from .helper import LoFT, LoFTConfig
 from .loop import fit, local_step, lr_at
-from .setup import (check_stored_plan, deepspeed_from_launcher, fsdp_from_launcher, prepare_run_dir,
-                    start_accelerator, start_tracker, tracker_mode, truncate_logs)
+from .setup import (check_stored_plan, deepspeed_from_launcher, fsdp_from_launcher, lock_run, prepare_run_dir,
+                    start_accelerator, start_tracker, tracker_mode, truncate_logs, unlock_run)
 
 
 def build_plugins(det_hp: DetectorHparams, out_hp: OutputHparams, main: bool, print_fn, run_dir: str,
@@ -207,6 +207,8 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
                 "workers": workers, "replicas": replicas, "world": world, "preset": model_hp.preset,
                 "sync": loft_hp.sync, "optimizer_state": optimizer_state, "deepspeed": ds_cfg is not None,
                 "hparams": json.loads(json.dumps(config, default=list))}
+    if main:  # before anything in the run directory is read, moved or written
+        lock_run(out_hp.output_dir, name)
     check_stored_plan(run_dir, plan, out_hp.force, ckpt_hp.resume)
     resume_from, start_round = None, 0
     if not os.path.exists(os.path.join(run_dir, "summary.json")):
@@ -231,6 +233,7 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
             "pass --force to train it again")
         if main:
             drop_finished_checkpoints(run_dir, ckpt_hp)
+            unlock_run(out_hp.output_dir, name)
         return {**summary, "run_dir": run_dir, "skipped": True}
     if main and resume_from is None:
         save_weights(model, os.path.join(run_dir, "init.safetensors"))
@@ -374,4 +377,5 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
         dist.barrier()  # nobody exits (and tears the group down) while another rank still reads
     if main:  # every rank is past its last checkpoint
         drop_finished_checkpoints(run_dir, ckpt_hp)
+        unlock_run(out_hp.output_dir, name)
     return {**summary, "run_dir": run_dir, "skipped": False}

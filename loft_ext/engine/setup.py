@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
+import socket
 from datetime import timedelta
 
 import torch
@@ -171,6 +173,48 @@ def prepare_run_dir(output_dir: str, name: str, force: bool, resume: str = "") -
             raise ConfigError(f"cannot write the run directory {run_dir!r} ({exc.strerror}); "
                               "pass a writable --output_dir") from None
     return run_dir, done
+
+
+_HELD_RUN_LOCKS: dict[str, int] = {}  # lock file -> open descriptor holding its flock
+
+
+def _run_lock_path(output_dir: str, name: str) -> str:
+    return os.path.join(output_dir, f".{name}.lock")
+
+
+def lock_run(output_dir: str, name: str) -> None:
+    """Hold ``<output_dir>/.<name>.lock`` (an exclusive flock) while this process trains run ``name``, so a
+    second launch of the same hparams into the same output directory (another terminal, a benchmark
+    relaunched while the first one's workers still finish their round) is refused instead of training the
+    directory twice. The lock dies with the process, however it ends. It sits beside the run directory, not in
+    it, so ``--force`` renaming the directory cannot separate two launches. Re-entrant within one process."""
+    path = _run_lock_path(output_dir, name)
+    if path in _HELD_RUN_LOCKS:
+        return
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the output directory {output_dir!r} ({exc.strerror}); "
+                          "pass a writable --output_dir") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 200).decode(errors="replace").strip()
+        os.close(fd)
+        raise ConfigError(f"another process ({holder or 'unknown'}) is training {os.path.join(output_dir, name)} "
+                          f"now (it holds {path}): wait for it to end or stop it, then launch again (with --resume "
+                          "latest to continue from its checkpoints), or choose another --output_dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+    _HELD_RUN_LOCKS[path] = fd
+
+
+def unlock_run(output_dir: str, name: str) -> None:
+    """Release :func:`lock_run`'s lock (closing the descriptor drops the flock); the empty file stays."""
+    fd = _HELD_RUN_LOCKS.pop(_run_lock_path(output_dir, name), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def check_stored_plan(run_dir: str, plan, force: bool, resume: str = "") -> None:
