@@ -243,11 +243,37 @@ def _base_reasons(sp, info: BlockInfo | None, preset: str, workers: int) -> list
 
 def _block_tensor_of_stem_group(sp, blocks: dict[str, BlockInfo]) -> str | None:
     """The first block tensor that a group produced outside the residual blocks runs along (the stem's output
-    entering the first block), or None. ``one_dim`` never splits such a group on a ResNet (a block group takes
-    the tensor first); under ``one_dim_flops`` splitting it cost resnet14t 2 points (docs/results.md)."""
+    entering the first block), or None. Under ``one_dim_flops`` such a group is split only where ``one_dim``
+    splits it: on a Bottleneck ResNet the savings would split it, each worker's blocks would then see only part
+    of the stem's features, and that cost resnet14t 2.7 points (docs/results.md)."""
     if sp.producer in blocks:
         return None
     return next((d.name for d in sp.dims if d.name.rsplit(".", 1)[0] in blocks), None)
+
+
+def _blocks_first(spaces, blocks: dict[str, BlockInfo]) -> list[int]:
+    """one_dim's order: the blocks' groups first (a stem group must not take a block's tensors), then the rest,
+    each in graph order."""
+    return sorted(range(len(spaces)), key=lambda i: (spaces[i].producer not in blocks, i))
+
+
+def _one_dim_reasons(spaces, base: list[list[str]], order: list[int], preset: str) -> list[list[str]]:
+    """Why each group stays shared (empty: split) when the groups are taken in ``order`` and, under a one_dim
+    preset, a group that would cut a tensor some earlier split group cuts along another dim stays shared."""
+    cut: dict[str, tuple[int, str]] = {}  # tensor -> (dim, group) of the split group that divides it
+    reasons: list[list[str]] = [[] for _ in spaces]
+    for i in order:
+        sp = spaces[i]
+        reasons[i] = list(base[i])
+        if not reasons[i] and preset in ONE_DIM_PRESETS:
+            crossing = next(((d, cut[d.name]) for d in sp.dims if d.name in cut and cut[d.name][0] != d.dim), None)
+            if crossing:
+                d, (other_dim, group) = crossing
+                reasons[i].append(f"preset {preset}: {d.name} is already split along dim {other_dim} by {group}")
+        if not reasons[i]:
+            for d in sp.dims:
+                cut.setdefault(d.name, (d.dim, sp.producer))
+    return reasons
 
 
 EXACT_COMPONENT = 40  # conflict components up to this many groups are chosen exactly
@@ -321,15 +347,15 @@ def make_plan(model: nn.Module, workers: int, preset: str = DEFAULT_PRESET,
         raise PartitionError(f"unknown partition preset {preset!r}; choose one of {', '.join(PRESETS)}")
     spaces = analyse_channels(model, input_shape, model_name)
     blocks = block_index(model)
-    split, shared = [], []
-    cut: dict[str, tuple[int, str]] = {}  # one_dim: tensor -> (dim, group) of the split group that divides it
     base = [_base_reasons(sp, blocks.get(sp.producer), preset, workers) for sp in spaces]
     if preset == "one_dim_flops" and workers > 1:
-        for sp, reasons in zip(spaces, base):
+        # the stem's output follows one_dim: split only where one_dim's blocks-first order splits it
+        one_dim = _one_dim_reasons(spaces, base, _blocks_first(spaces, blocks), "one_dim")
+        for i, sp in enumerate(spaces):
             entry = _block_tensor_of_stem_group(sp, blocks)
-            if not reasons and entry:
-                reasons.append(f"preset one_dim_flops: made outside the residual blocks and read by them ({entry}); "
-                               "split, each worker's blocks would see only part of them")
+            if not base[i] and entry and one_dim[i]:
+                base[i].append(f"preset one_dim_flops: made outside the residual blocks and read by them ({entry}), "
+                               f"shared as under one_dim (there {one_dim[i][0].removeprefix('preset one_dim: ')})")
         # the splittable groups that save the most multiply-adds together are decided first; every other one
         # then meets a tensor they cut along another dim and stays shared
         candidates = [i for i in range(len(spaces)) if not base[i]]
@@ -337,29 +363,19 @@ def make_plan(model: nn.Module, workers: int, preset: str = DEFAULT_PRESET,
         saved = {i: sum(macs.get(name, 0) for name in {d.name for d in spaces[i].dims}) for i in candidates}
         first = most_saving_groups(saved, {i: spaces[i].dims for i in saved})
         order = sorted(range(len(spaces)), key=lambda i: (i not in first, i))
+    elif preset == "one_dim":
+        order = _blocks_first(spaces, blocks)
     else:
-        # one_dim decides the blocks' groups first (a stem group must not take a block's tensors), then the
-        # rest; the plan keeps the graph order
-        order = sorted(range(len(spaces)), key=lambda i: (preset == "one_dim" and spaces[i].producer not in blocks, i))
-    decided: dict[int, SplitGroup | SharedGroup] = {}
-    for i in order:
-        sp = spaces[i]
-        reasons = list(base[i])
-        if not reasons and preset in ONE_DIM_PRESETS and workers > 1:
-            crossing = next(((d, cut[d.name]) for d in sp.dims if d.name in cut and cut[d.name][0] != d.dim), None)
-            if crossing:
-                d, (other_dim, group) = crossing
-                reasons.append(f"preset {preset}: {d.name} is already split along dim {other_dim} by {group}")
-        if reasons:
-            decided[i] = SharedGroup(sp.producer, sp.channels, reasons)
+        order = list(range(len(spaces)))
+    reasons = _one_dim_reasons(spaces, base, order, preset) if workers > 1 else base
+    split, shared = [], []
+    for i, sp in enumerate(spaces):  # the plan keeps the graph order
+        if reasons[i]:
+            shared.append(SharedGroup(sp.producer, sp.channels, reasons[i]))
         else:
-            for d in sp.dims:
-                cut.setdefault(d.name, (d.dim, sp.producer))
             dims = sorted(set(sp.dims), key=lambda d: (d.name, d.dim))
-            decided[i] = SplitGroup(sp.producer, sp.channels, sp.units, dims,
-                                    dict(sp.grouped_convs), dict(sp.norm_groups), blocks.get(sp.producer))
-    for i in range(len(spaces)):
-        (split if isinstance(decided[i], SplitGroup) else shared).append(decided[i])
+            split.append(SplitGroup(sp.producer, sp.channels, sp.units, dims, dict(sp.grouped_convs),
+                                    dict(sp.norm_groups), blocks.get(sp.producer)))
     if workers > 1 and not split:
         counts = Counter(r for g in shared for r in g.reasons)
         why = "; ".join(f"{n} x {r}" for r, n in counts.most_common(6))
