@@ -125,10 +125,15 @@ def epoch_budget(args, local_steps: int, epochs: float) -> dict:
     return {"epochs": math.ceil(epochs), "rounds": max(1, round(epochs * rounds_per_epoch(args, local_steps)))}
 
 
+def loft_flops_in_dense_epochs(args, flops: dict) -> float:
+    """The training FLOPs of LoFT at L=4 for ``args.epochs``, in dense epochs (not rounded)."""
+    return args.epochs * args.workers * flops["loft_worker_mean"] / flops["dense"]
+
+
 def dense_flops_epochs(args, flops: dict) -> float:
     """The dense epochs that spend the training FLOPs of LoFT at L=4: the nearest whole number
     (``--dense_flops epochs``, at least 1) or exactly, to a round (``rounds``)."""
-    exact = args.epochs * args.workers * flops["loft_worker_mean"] / flops["dense"]
+    exact = loft_flops_in_dense_epochs(args, flops)
     if args.dense_flops == "epochs":
         return max(1, round(exact))
     per_epoch = rounds_per_epoch(args, parse_arm("dense")["local_steps"])
@@ -300,7 +305,7 @@ def main(argv=None) -> int:
     make_fashion_subset(args.data_root, args.train_subset, args.test_subset)
     flops = costs(args)
     flops_epochs = dense_flops_epochs(args, flops)
-    exact = args.epochs * args.workers * flops["loft_worker_mean"] / flops["dense"]
+    exact = loft_flops_in_dense_epochs(args, flops)
     jobs = [(arm, seed, flops_epochs if arm.startswith("dense-flops") else parse_arm(arm)["epochs"] or args.epochs)
             for arm in arms for seed in seeds]
     print(f"{len(jobs)} runs; training FLOPs per sample: dense {flops['dense'] / 1e6:.1f}M, LoFT worker "
