@@ -258,7 +258,7 @@ def _blocks_first(spaces, blocks: dict[str, BlockInfo]) -> list[int]:
     return sorted(range(len(spaces)), key=lambda i: (spaces[i].producer not in blocks, i))
 
 
-def _one_dim_reasons(spaces, base: list[list[str]], order: list[int], preset: str) -> list[list[str]]:
+def _shared_reasons(spaces, base: list[list[str]], order: list[int], preset: str) -> list[list[str]]:
     """Why each group stays shared (empty: split) when the groups are taken in ``order`` and, under a one_dim
     preset, a group that would cut a tensor some earlier split group cuts along another dim stays shared."""
     cut: dict[str, tuple[int, str]] = {}  # tensor -> (dim, group) of the split group that divides it
@@ -351,7 +351,7 @@ def make_plan(model: nn.Module, workers: int, preset: str = DEFAULT_PRESET,
     base = [_base_reasons(sp, blocks.get(sp.producer), preset, workers) for sp in spaces]
     if preset == "one_dim_flops" and workers > 1:
         # the stem's output follows one_dim: split only where one_dim's blocks-first order splits it
-        one_dim = _one_dim_reasons(spaces, base, _blocks_first(spaces, blocks), "one_dim")
+        one_dim = _shared_reasons(spaces, base, _blocks_first(spaces, blocks), "one_dim")
         for i, sp in enumerate(spaces):
             entry = _block_tensor_of_stem_group(sp, blocks)
             if not base[i] and entry and one_dim[i]:
@@ -368,7 +368,7 @@ def make_plan(model: nn.Module, workers: int, preset: str = DEFAULT_PRESET,
         order = _blocks_first(spaces, blocks)
     else:
         order = list(range(len(spaces)))
-    reasons = _one_dim_reasons(spaces, base, order, preset) if workers > 1 else base
+    reasons = _shared_reasons(spaces, base, order, preset) if workers > 1 else base
     split, shared = [], []
     for i, sp in enumerate(spaces):  # the plan keeps the graph order
         if reasons[i]:
