@@ -28,7 +28,8 @@ def test_recipe_trains_prints_and_never_overwrites(tmp_path):
     lines = [line for line in proc.stdout.splitlines() if line.startswith("epoch")]
     assert len(lines) == 1  # 44 steps/epoch at batch 32 -> 15 rounds/epoch: the only epoch line is round 6 (last)
     (run_dir,) = [d for d in tmp_path.iterdir() if d.is_dir()]
-    assert (tmp_path / f".{run_dir.name}.lock").read_text().startswith("pid ")  # beside the run, released
+    lock = tmp_path / f".{run_dir.name}.lock"
+    assert not lock.exists()  # held beside the run while it trained, removed at its end
     assert {"hparams.json", "plan.json", "metrics.jsonl", "summary.json", "init.safetensors",
             "model.safetensors"} <= set(os.listdir(run_dir))
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -48,6 +49,7 @@ def test_recipe_trains_prints_and_never_overwrites(tmp_path):
         assert busy.returncode == 2 and busy.stderr.count("\n") == 1, busy.stderr[-2000:]
         assert f"another process (pid {holder.pid} on " in busy.stderr and "--resume latest" in busy.stderr
         assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == [run_dir.name]
+        assert lock.read_text().startswith(f"pid {holder.pid} on ")  # the refused launch leaves the holder's lock
     finally:
         holder.kill()
         holder.wait()

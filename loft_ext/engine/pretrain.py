@@ -46,7 +46,7 @@ from .debug import DebugHashes
 from .helper import LoFT, LoFTConfig
 from .loop import fit, local_step, lr_at
 from .setup import (check_stored_plan, deepspeed_from_launcher, fsdp_from_launcher, lock_run, prepare_run_dir,
-                    start_accelerator, start_tracker, tracker_mode, truncate_logs, unlock_run)
+                    releases_run_locks, start_accelerator, start_tracker, tracker_mode, truncate_logs)
 
 
 def build_plugins(det_hp: DetectorHparams, out_hp: OutputHparams, main: bool, print_fn, run_dir: str,
@@ -126,6 +126,7 @@ def drop_finished_checkpoints(run_dir: str, ckpt_hp: CheckpointHparams) -> None:
         shutil.rmtree(os.path.join(run_dir, CHECKPOINT_DIR), ignore_errors=True)
 
 
+@releases_run_locks
 def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHparams,
                  train_hp: TrainHparams, det_hp: DetectorHparams, out_hp: OutputHparams,
                  print_fn=print, accelerator=None, rewind_round: int = 0,
@@ -233,7 +234,6 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
             "pass --force to train it again")
         if main:
             drop_finished_checkpoints(run_dir, ckpt_hp)
-            unlock_run(out_hp.output_dir, name)
         return {**summary, "run_dir": run_dir, "skipped": True}
     if main and resume_from is None:
         save_weights(model, os.path.join(run_dir, "init.safetensors"))
@@ -377,5 +377,4 @@ def run_pretrain(model_hp: ModelHparams, data_hp: DataHparams, loft_hp: LoftHpar
         dist.barrier()  # nobody exits (and tears the group down) while another rank still reads
     if main:  # every rank is past its last checkpoint
         drop_finished_checkpoints(run_dir, ckpt_hp)
-        unlock_run(out_hp.output_dir, name)
     return {**summary, "run_dir": run_dir, "skipped": False}

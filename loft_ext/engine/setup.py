@@ -1,8 +1,10 @@
 """Set-up around a run: the Accelerator, the W&B tracker, DeepSpeed from the launcher, the run directory."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
+import functools
 import json
 import os
 import shutil
@@ -178,43 +180,58 @@ def prepare_run_dir(output_dir: str, name: str, force: bool, resume: str = "") -
 _HELD_RUN_LOCKS: dict[str, int] = {}  # lock file -> open descriptor holding its flock
 
 
-def _run_lock_path(output_dir: str, name: str) -> str:
-    return os.path.join(output_dir, f".{name}.lock")
-
-
 def lock_run(output_dir: str, name: str) -> None:
     """Hold ``<output_dir>/.<name>.lock`` (an exclusive flock) while this process trains run ``name``, so a
     second launch of the same hparams into the same output directory (another terminal, a benchmark
     relaunched while the first one's workers still finish their round) is refused instead of training the
-    directory twice. The lock dies with the process, however it ends. It sits beside the run directory, not in
-    it, so ``--force`` renaming the directory cannot separate two launches. Re-entrant within one process."""
-    path = _run_lock_path(output_dir, name)
+    directory twice. It sits beside the run directory, not in it, so ``--force`` renaming the directory cannot
+    separate two launches. Re-entrant within one process; released (and the file removed) by
+    :func:`releases_run_locks` around the run, and by the OS when the process dies."""
+    path = os.path.join(output_dir, f".{name}.lock")
     if path in _HELD_RUN_LOCKS:
         return
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise ConfigError(f"cannot write the output directory {output_dir!r} ({exc.strerror}); "
-                          "pass a writable --output_dir") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 200).decode(errors="replace").strip()
+    while True:
+        try:
+            os.makedirs(output_dir, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ConfigError(f"cannot write the output directory {output_dir!r} ({exc.strerror}); "
+                              "pass a writable --output_dir") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip()
+            os.close(fd)
+            raise ConfigError(f"another process ({holder or 'unknown'}) is training {os.path.join(output_dir, name)} "
+                              f"now (it holds {path}): wait for it to end or stop it, then launch again (with "
+                              "--resume latest to continue from its checkpoints), or choose another --output_dir"
+                              ) from None
+        try:  # the holder before us may have removed the file it locked: then lock the one now at path
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
         os.close(fd)
-        raise ConfigError(f"another process ({holder or 'unknown'}) is training {os.path.join(output_dir, name)} "
-                          f"now (it holds {path}): wait for it to end or stop it, then launch again (with --resume "
-                          "latest to continue from its checkpoints), or choose another --output_dir") from None
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
     _HELD_RUN_LOCKS[path] = fd
 
 
-def unlock_run(output_dir: str, name: str) -> None:
-    """Release :func:`lock_run`'s lock (closing the descriptor drops the flock); the empty file stays."""
-    fd = _HELD_RUN_LOCKS.pop(_run_lock_path(output_dir, name), None)
-    if fd is not None:
-        os.close(fd)
+def releases_run_locks(fn):
+    """Decorator: the run locks that ``fn`` takes are released when it returns or raises, and their files
+    removed (a refused run leaves nothing behind)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        before = set(_HELD_RUN_LOCKS)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for path in set(_HELD_RUN_LOCKS) - before:
+                fd = _HELD_RUN_LOCKS.pop(path)
+                with contextlib.suppress(OSError):
+                    os.unlink(path)  # still locked: a process opening it now retries on the new file
+                os.close(fd)
+    return wrapper
 
 
 def check_stored_plan(run_dir: str, plan, force: bool, resume: str = "") -> None:

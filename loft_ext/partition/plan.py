@@ -20,7 +20,7 @@ shared with the reason. Presets choose among the splittable groups:
   input shape; :func:`most_saving_groups`) instead of first come, blocks first. On resnet10t's deep stem it
   splits the middle conv's output (halving the middle and the last conv) rather than the first conv's: the
   two S=2 workers compute 1.02x the full model's FLOPs instead of ``one_dim``'s 1.20x (efficientnet_b0 at
-  64 px 1.00x instead of 1.06x). A group made outside the residual blocks and read by a block (a Bottleneck
+  64 px 1.05x instead of 1.06x). A group made outside the residual blocks and read by a block (a Bottleneck
   ResNet's stem output) is split only where ``one_dim`` splits it: choosing by savings alone split it on
   resnet14t, each worker's blocks saw only part of the stem's features, and the model lost 2.7 points
   (docs/results.md); kept shared, resnet14t's workers compute 1.34x instead of ``one_dim``'s 1.47x. Never more
