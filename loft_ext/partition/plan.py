@@ -22,7 +22,7 @@ shared with the reason. Presets choose among the splittable groups:
   two S=2 workers compute 1.02x the full model's FLOPs instead of ``one_dim``'s 1.20x (efficientnet_b0 at
   64 px 1.05x instead of 1.06x). A group made outside the residual blocks and read by a block (a Bottleneck
   ResNet's stem output) is split only where ``one_dim`` splits it: choosing by savings alone split it on
-  resnet14t, each worker's blocks saw only part of the stem's features, and the model lost 2.7 points
+  resnet14t, each worker's blocks saw only part of the stem's features, and the model lost 2 to 3 points
   (docs/results.md); kept shared, resnet14t's workers compute 1.34x instead of ``one_dim``'s 1.47x. Never more
   FLOPs than ``one_dim``: its split set is among the candidates.
 """
@@ -43,8 +43,9 @@ DEFAULT_PRESET = "one_dim"  # with optimizer_state carry, the LoFT model that ma
 PRESET_HELP = ("channel groups to split: 'paper' (stem, head, first stage and first block of each stage shared, "
                "as the authors' release), 'all' (every splittable group), 'one_dim' (all, but no tensor divided "
                "along two dims: a Bottleneck's conv2->conv3 group stays shared so every weight trains each round) or "
-               "'one_dim_flops' (one_dim's rule, choosing the cuts that save the most FLOPs; on resnet14t that cost "
-               "2.7 points of model quality against one_dim, docs/results.md)")
+               "'one_dim_flops' (one_dim's rule, choosing the cuts that save the most FLOPs, the stem's output split "
+               "only where one_dim splits it: resnet10t 1.02x dense's FLOPs instead of 1.20x, resnet14t 1.34x instead "
+               "of 1.47x, model quality as one_dim's on the mean, docs/results.md)")
 
 
 @dataclass(frozen=True)
@@ -246,7 +247,7 @@ def _block_tensor_of_stem_group(sp, blocks: dict[str, BlockInfo]) -> str | None:
     """The first block tensor that a group produced outside the residual blocks runs along (the stem's output
     entering the first block), or None. Under ``one_dim_flops`` such a group is split only where ``one_dim``
     splits it: on a Bottleneck ResNet the savings would split it, each worker's blocks would then see only part
-    of the stem's features, and that cost resnet14t 2.7 points (docs/results.md)."""
+    of the stem's features, and that cost resnet14t 2 to 3 points (docs/results.md)."""
     if sp.producer in blocks:
         return None
     return next((d.name for d in sp.dims if d.name.rsplit(".", 1)[0] in blocks), None)
