@@ -214,7 +214,7 @@ def test_preset_one_dim_flops_makes_the_costlier_cut_and_splits_exactly(model_ca
 
 def test_one_dim_flops_splits_the_stem_output_only_where_one_dim_does(model_cache):
     """The stem's output of a Bottleneck ResNet enters layer1.0's conv1 and its shortcut, not a residual add,
-    so it is splittable; splitting it (part of the most saving set) cost resnet14t 2.7 points (docs/results.md).
+    so it is splittable; splitting it (part of the most saving set) cost resnet14t 2 to 3 points (docs/results.md).
     Under ``one_dim_flops`` a group made outside the residual blocks and read by a block is split only where
     ``one_dim``'s blocks-first order splits it (res2net50d's deep stem output: no block group cuts its tensors
     there); the stem's inner groups and the blocks' groups are chosen by savings as before."""
