@@ -225,6 +225,14 @@ def test_unwritable_output_dir(tmp_path, capsys):
     assert blocker.read_text() == "x"
 
 
+def test_a_refused_run_leaves_no_directory_behind(tmp_path, capsys):
+    """The run lock (a file beside the run directory, engine/setup.py) is taken before the run directory is
+    read; a run refused after it removes the lock file and the output directories made for it."""
+    assert main([*TINY, "--resume", str(tmp_path), "--output_dir", str(tmp_path / "new" / "runs")]) == 2
+    assert "has no manifest.json" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_bf16_on_a_gpu_without_bf16_is_refused():
     with pytest.raises(ConfigError, match="--mixed_precision bf16 needs a GPU with bf16 support"):
         check_mixed_precision("bf16", "cuda", bf16_supported=False)

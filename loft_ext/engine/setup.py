@@ -177,7 +177,7 @@ def prepare_run_dir(output_dir: str, name: str, force: bool, resume: str = "") -
     return run_dir, done
 
 
-_HELD_RUN_LOCKS: dict[str, int] = {}  # lock file -> open descriptor holding its flock
+_HELD_RUN_LOCKS: dict[str, tuple[int, list[str]]] = {}  # lock file -> (descriptor holding its flock, dirs made)
 
 
 def lock_run(output_dir: str, name: str) -> None:
@@ -185,18 +185,24 @@ def lock_run(output_dir: str, name: str) -> None:
     second launch of the same hparams into the same output directory (another terminal, a benchmark
     relaunched while the first one's workers still finish their round) is refused instead of training the
     directory twice. It sits beside the run directory, not in it, so ``--force`` renaming the directory cannot
-    separate two launches. Re-entrant within one process; released (and the file removed) by
-    :func:`releases_run_locks` around the run, and by the OS when the process dies."""
+    separate two launches. Re-entrant within one process; released (the file and any directory made for it
+    removed) by :func:`releases_run_locks` around the run, and by the OS when the process dies. Where no lock
+    can be taken (a read-only directory, a file system without flock) the run goes on unlocked: writing is
+    checked, with its own message, by :func:`prepare_run_dir`; a finished run may still be read."""
     path = os.path.join(output_dir, f".{name}.lock")
     if path in _HELD_RUN_LOCKS:
         return
+    made, parent = [], os.path.abspath(output_dir)
+    while not os.path.exists(parent):
+        made.append(parent)
+        parent = os.path.dirname(parent)
     while True:
         try:
             os.makedirs(output_dir, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise ConfigError(f"cannot write the output directory {output_dir!r} ({exc.strerror}); "
-                              "pass a writable --output_dir") from None
+        except OSError:
+            _remove_dirs(made)
+            return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -206,6 +212,12 @@ def lock_run(output_dir: str, name: str) -> None:
                               f"now (it holds {path}): wait for it to end or stop it, then launch again (with "
                               "--resume latest to continue from its checkpoints), or choose another --output_dir"
                               ) from None
+        except OSError:  # no locks on this file system
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            _remove_dirs(made)
+            return
         try:  # the holder before us may have removed the file it locked: then lock the one now at path
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 break
@@ -214,7 +226,14 @@ def lock_run(output_dir: str, name: str) -> None:
         os.close(fd)
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
-    _HELD_RUN_LOCKS[path] = fd
+    _HELD_RUN_LOCKS[path] = (fd, made)
+
+
+def _remove_dirs(made: list[str]) -> None:
+    """Remove the directories ``lock_run`` made (deepest first) where they are still empty."""
+    for folder in made:
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
 
 
 def releases_run_locks(fn):
@@ -227,10 +246,11 @@ def releases_run_locks(fn):
             return fn(*args, **kwargs)
         finally:
             for path in set(_HELD_RUN_LOCKS) - before:
-                fd = _HELD_RUN_LOCKS.pop(path)
+                fd, made = _HELD_RUN_LOCKS.pop(path)
                 with contextlib.suppress(OSError):
                     os.unlink(path)  # still locked: a process opening it now retries on the new file
                 os.close(fd)
+                _remove_dirs(made)  # a trained run's directory is inside: they stay
     return wrapper
 
 
