@@ -8,9 +8,6 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "recipes", "loft_timm.py")
-sys.path.insert(0, os.path.join(ROOT, "recipes"))
-
-from loft_timm import main  # noqa: E402
 
 SMALL = ["--rounds", "6", "--local_steps", "3", "--batch_size", "32", "--bn_recalibration_batches", "2",
          "--ratios", ""]
