@@ -28,7 +28,8 @@ of dense") is met when the whole interval lies above -0.5 points.
 
 Runs live in ``--output_dir`` (default runs/pretrain_quality) under their hparams hash, so a rerun skips
 finished ones and continues an interrupted one from its last epoch-end checkpoint (``--resume latest``);
-a finished run keeps no checkpoints (``--finished_run_checkpoints delete``). Writes ``--results``
+a finished run keeps no checkpoints (``--finished_run_checkpoints delete``); each run's progress goes to
+``<output_dir>/logs/<run directory>.log``. Writes ``--results``
 (default docs/results/pretrain_quality.{json,md}).
 """
 from __future__ import annotations
@@ -163,6 +164,13 @@ def hparams(args, arm: str, seed: int, epochs: float):
             OutputHparams(output_dir=args.output_dir, tracker="none"))
 
 
+def run_name(args, arm: str, seed: int, epochs: float) -> str:
+    """The run directory's name under ``--output_dir``, as run_pretrain names it (model and hparams hash)."""
+    from loft_ext.hparams import hparams_hash
+
+    return f"{args.model}-{hparams_hash(*hparams(args, arm, seed, epochs)[:5])}"
+
+
 def costs(args) -> dict[str, float]:
     """Training FLOPs per sample (3 x forward) of the full model and of the mean LoFT worker sub-network,
     and the bytes one rank sends per round when the S workers are S processes (``--sync allgather``, fp32;
@@ -198,7 +206,8 @@ def run_one(args, arm: str, seed: int, epochs: int) -> dict:
     from loft_ext.engine.pretrain import run_pretrain
 
     torch.set_num_threads(1)
-    log_path = os.path.join(args.output_dir, "logs", f"{arm}-seed{seed}.log")
+    # one log per run directory: runs of other models, presets or budgets never share a file
+    log_path = os.path.join(args.output_dir, "logs", f"{run_name(args, arm, seed, epochs)}.log")
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     with open(log_path, "a") as log:
         def say(*a, **k):
@@ -312,11 +321,8 @@ def main(argv=None) -> int:
           f"{flops['loft_worker_mean'] / 1e6:.1f}M; dense-flops = {format_epochs(flops_epochs)} epochs (LoFT at L=4 spends {exact:.2f} dense epochs' FLOPs)", flush=True)
     runs = []
     if args.report_only:
-        from loft_ext.engine.pretrain import run_pretrain  # noqa: F401  (the same hashing as a run)
-        from loft_ext.hparams import hparams_hash
         for arm, seed, epochs in jobs:
-            hp = hparams(args, arm, seed, epochs)
-            path = os.path.join(args.output_dir, f"{args.model}-{hparams_hash(*hp[:5])}", "summary.json")
+            path = os.path.join(args.output_dir, run_name(args, arm, seed, epochs), "summary.json")
             if os.path.isfile(path):
                 with open(path) as f:
                     s = json.load(f)

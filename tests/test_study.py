@@ -233,6 +233,16 @@ def test_equal_flops_dense_budget_in_whole_epochs_or_exact_rounds():
     assert (train_hp.epochs, train_hp.rounds) == (4, 846)
 
 
+def test_pretrain_quality_names_one_log_per_run_directory():
+    # two presets' launches side by side once wrote seed 7's rounds into one shared "loft-L4-carry-seed7.log"
+    pq = _pretrain_quality()
+    one_dim, flops = (pq.build_parser().parse_args(["--model", "resnet14t", "--preset", p]) for p in ("one_dim", "one_dim_flops"))
+    assert pq.run_name(one_dim, "loft-L4-carry", 7, 10) != pq.run_name(flops, "loft-L4-carry", 7, 10)
+    assert pq.run_name(one_dim, "loft-L4-carry", 7, 10) != pq.run_name(one_dim, "loft-L4-carry", 8, 10)
+    assert pq.run_name(one_dim, "dense", 7, 10) == pq.run_name(flops, "dense", 7, 10)   # dense splits nothing
+    assert pq.run_name(one_dim, "dense", 7, 10).startswith("resnet14t-")
+
+
 @pytest.mark.parametrize("arm", ["loft-L4", "loft-Lx-carry", "loft-L4-keep", "dense-lrx", "loft-L4-carry-e0"])
 def test_pretrain_quality_refuses_unknown_arms(arm):
     with pytest.raises(SystemExit, match="is not dense, dense-flops or loft-L<k>-<reset|carry>"):
