@@ -117,7 +117,9 @@ def run_task(args, source: str, seed: int, regimes: list[str]) -> list[dict]:
     from loft_ext.engine.pipeline import run_pipeline
 
     torch.set_num_threads(1)
-    log_path = os.path.join(args.output_dir, "logs", f"tickets-{source}-seed{seed}.log")
+    epochs = pretrain_quality.parse_arm(source)["epochs"] or args.epochs   # named by the pretraining's run directory:
+    name = pretrain_quality.run_name(args, source, seed, epochs)            # other models or presets never share it
+    log_path = os.path.join(args.output_dir, "logs", f"tickets-{name}.log")
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     out = []
     with open(log_path, "a") as log, contextlib.redirect_stderr(log):
