@@ -24,6 +24,8 @@ of dense") is met when the whole interval lies above -0.5 points.
     python benchmarks/pretrain_quality.py --jobs 2                       # the default probe
     python benchmarks/pretrain_quality.py --arms dense,loft-L4-reset --seeds 0,1,2
     python benchmarks/pretrain_quality.py --report_only                  # tables from finished runs
+    python benchmarks/pretrain_quality.py --preset one_dim_flops --arms loft-L4-carry --report_only \
+        --against_preset one_dim                                         # the same arm under two presets, paired
     python benchmarks/pretrain_quality.py --train_subset 0 --test_subset 0 --epochs 3   # all of Fashion-MNIST
 
 Runs live in ``--output_dir`` (default runs/pretrain_quality) under their hparams hash, so a rerun skips
@@ -236,7 +238,39 @@ def _same_settings(args, a: dict, accs: dict, by_arm: dict) -> dict | None:
     return None
 
 
-def report(args, runs: list[dict], flops: dict) -> dict:
+def finished_runs(args, jobs: list[tuple]) -> list[dict]:
+    """The runs of ``jobs`` (arm, seed, epochs) that have finished in ``--output_dir``; the others are left out."""
+    runs = []
+    for arm, seed, epochs in jobs:
+        path = os.path.join(args.output_dir, run_name(args, arm, seed, epochs), "summary.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                s = json.load(f)
+            runs.append({"arm": arm, "seed": seed, "epochs": epochs, "run_dir": os.path.relpath(os.path.dirname(path), ROOT),
+                         "test_acc": s["test_acc"], "samples_per_worker": s["samples_per_worker"],
+                         "samples_total": s["samples_total"], "sync_bytes_sent": s.get("sync_bytes_sent", 0.0),
+                         "wall_s": s["wall_s"], "skipped": True})
+    return runs
+
+
+def against_preset_accuracies(args, jobs: list[tuple]) -> dict[str, dict[int, float]]:
+    """``--against_preset``: the finished runs of the same LoFT arms and seeds under that preset, by arm and seed
+    (dense runs split nothing, so they are the same runs under every preset and are not compared)."""
+    if not args.against_preset:
+        return {}
+    other = argparse.Namespace(**{**vars(args), "preset": args.against_preset})
+    by_arm: dict[str, dict[int, float]] = {}
+    for r in finished_runs(other, [j for j in jobs if parse_arm(j[0])["method"] == "loft"]):
+        by_arm.setdefault(r["arm"], {})[r["seed"]] = r["test_acc"]
+    return by_arm
+
+
+def _mean_std(accs: dict[int, float]) -> dict:
+    values = [100 * v for v in accs.values()]
+    return {"n": len(values), "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def report(args, runs: list[dict], flops: dict, against: dict[str, dict[int, float]] | None = None) -> dict:
     by_arm: dict[str, dict[int, float]] = {}
     for r in runs:
         by_arm.setdefault(r["arm"], {})[r["seed"]] = r["test_acc"]
@@ -256,34 +290,49 @@ def report(args, runs: list[dict], flops: dict) -> dict:
                      "vs_dense": paired(accs, by_arm["dense"]) if "dense" in by_arm and arm != "dense" else None,
                      "vs_dense_same_settings": _same_settings(args, a, accs, by_arm),
                      "vs_dense_flops": (paired(accs, by_arm["dense-flops"])
-                                        if "dense-flops" in by_arm and a["method"] == "loft" else None)})
+                                        if "dense-flops" in by_arm and a["method"] == "loft" else None),
+                     "vs_against_preset": paired(accs, against[arm]) if against and arm in against else None,
+                     "against_preset_acc": _mean_std(against[arm]) if against and arm in against else None})
     return {"written": time.strftime("%Y-%m-%d %H:%M:%S"), "model": args.model, "preset": args.preset,
+            "against_preset": args.against_preset or None,
             "workers": args.workers, "batch_size": args.batch_size, "lr": args.lr,
             "data": data_description(args),
             "flops_per_sample": flops, "rows": rows, "runs": runs}
 
 
+def _against_cell(row: dict) -> str:
+    acc = row.get("against_preset_acc")
+    if not acc:
+        return "-"
+    return f"{acc['mean']:.2f} +- {acc['std']:.2f} (n={acc['n']}); {interval(row['vs_against_preset'])}"
+
+
 def write_markdown(result: dict, path: str, command: str) -> None:
     dense = next((r for r in result["rows"] if r["arm"] == "dense"), None)
+    other = result.get("against_preset")
     lines = ["# LoFT pretraining quality vs dense training", "",
              f"Written by `{command}` on {result['written']}. {result['model']} (preset {result['preset']}), "
              f"S={result['workers']}, batch {result['batch_size']}, lr {result['lr']} step schedule, "
              f"{result['data']}, one process per run (workers simulated).", "",
              "| arm | epochs | seeds | test acc % mean +- std | vs dense, points (paired, 95% CI) | "
              "vs dense at the arm's lr and epochs | vs dense-flops | samples per worker | training FLOPs (rel. dense) | "
-             "sync MiB/rank |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "sync MiB/rank |" + (f" the same arm under `{other}`: test acc %; this arm minus it (paired) |" if other else ""),
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if other else "")]
     for r in result["rows"]:
         rel = r["train_flops"] / dense["train_flops"] if dense else float("nan")
         lines.append(f"| {r['arm']} | {format_epochs(r['epochs'])} | {r['n']} | {r['test_acc_mean']:.2f} +- {r['test_acc_std']:.2f} | "
                      f"{interval(r['vs_dense'])} | {interval(r['vs_dense_same_settings'])} | {interval(r['vs_dense_flops'])} | "
                      f"{r['samples_per_worker']} | "
-                     f"{rel:.2f} | {r['sync_mib_per_rank']:.0f} |")
+                     f"{rel:.2f} | {r['sync_mib_per_rank']:.0f} |" + (f" {_against_cell(r)} |" if other else ""))
     lines += ["", "`dense` and the LoFT arms process the same samples per worker; `dense-flops` spends the "
               "training FLOPs of LoFT at L=4 (3 x forward FLOPs per sample x samples). `sync MiB/rank`: "
               "what one rank sends in pretraining when the S workers are S processes (allgather, fp32; "
               "analytic, equal to the measured count); dense in one process sends nothing. "
-              "Raw numbers: pretrain_quality.json.", ""]
+              "Raw numbers: pretrain_quality.json."]
+    if other:
+        lines += ["", f"Last column: each LoFT arm against its finished runs of the same seeds under `--preset {other}` "
+                  "(paired by seed over the seeds both have; dense runs are the same under every preset)."]
+    lines.append("")
     with open(path, "w") as f:
         f.write("\n".join(lines))
 
@@ -302,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--results", default=os.path.join(ROOT, "docs", "results", "pretrain_quality"),
                         help="path prefix of the .json and .md written")
     parser.add_argument("--report_only", action="store_true", help="tables from finished runs, no training")
+    parser.add_argument("--against_preset", default="", choices=("", "all", "paper", "one_dim", "one_dim_flops"),
+                        help="also compare each LoFT arm with its finished runs of the same seeds under this preset "
+                             "(paired by seed; run them with --preset first, nothing is trained for it)")
     return parser
 
 
@@ -310,6 +362,9 @@ def main(argv=None) -> int:
     arms = [a for a in args.arms.split(",") if a]
     for arm in arms:
         parse_arm(arm)
+    if args.against_preset and args.against_preset == args.preset:
+        raise SystemExit(f"error: --against_preset {args.against_preset} is the --preset itself: name another "
+                         "preset to compare with, or leave --against_preset out")
     seeds = parse_seeds(args.seeds)
     make_fashion_subset(args.data_root, args.train_subset, args.test_subset)
     flops = costs(args)
@@ -321,15 +376,7 @@ def main(argv=None) -> int:
           f"{flops['loft_worker_mean'] / 1e6:.1f}M; dense-flops = {format_epochs(flops_epochs)} epochs (LoFT at L=4 spends {exact:.2f} dense epochs' FLOPs)", flush=True)
     runs = []
     if args.report_only:
-        for arm, seed, epochs in jobs:
-            path = os.path.join(args.output_dir, run_name(args, arm, seed, epochs), "summary.json")
-            if os.path.isfile(path):
-                with open(path) as f:
-                    s = json.load(f)
-                runs.append({"arm": arm, "seed": seed, "epochs": epochs, "run_dir": os.path.relpath(os.path.dirname(path), ROOT),
-                             "test_acc": s["test_acc"], "samples_per_worker": s["samples_per_worker"],
-                             "samples_total": s["samples_total"], "sync_bytes_sent": s.get("sync_bytes_sent", 0.0),
-                             "wall_s": s["wall_s"], "skipped": True})
+        runs = finished_runs(args, jobs)
     elif args.jobs <= 1:
         for job in jobs:
             runs.append(run_one(args, *job))
@@ -340,14 +387,15 @@ def main(argv=None) -> int:
             runs.append(run)
             print(f"[{len(runs)}/{len(jobs)}] {runs[-1]['arm']} seed {runs[-1]['seed']}: "
                   f"{100 * runs[-1]['test_acc']:.2f}% in {runs[-1]['wall_s']:.0f}s", flush=True)
-    result = report(args, sorted(runs, key=lambda r: (r["arm"], r["seed"])), flops)
+    result = report(args, sorted(runs, key=lambda r: (r["arm"], r["seed"])), flops, against_preset_accuracies(args, jobs))
     os.makedirs(os.path.dirname(args.results), exist_ok=True)
     with open(args.results + ".json", "w") as f:
         json.dump(result, f, indent=1)
     write_markdown(result, args.results + ".md", "python benchmarks/pretrain_quality.py " + " ".join(argv or sys.argv[1:]))
     for r in result["rows"]:
         print(f"{r['arm']:<16} {r['test_acc_mean']:.2f} +- {r['test_acc_std']:.2f} (n={r['n']})  vs dense "
-              f"{interval(r['vs_dense'])}  vs dense-flops {interval(r['vs_dense_flops'])}")
+              f"{interval(r['vs_dense'])}  vs dense-flops {interval(r['vs_dense_flops'])}"
+              + (f"  vs {args.against_preset} {interval(r['vs_against_preset'])}" if args.against_preset else ""))
     return 0
 
 

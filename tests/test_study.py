@@ -243,6 +243,33 @@ def test_pretrain_quality_names_one_log_per_run_directory():
     assert pq.run_name(one_dim, "dense", 7, 10).startswith("resnet14t-")
 
 
+def test_pretrain_quality_pairs_an_arm_with_its_runs_under_another_preset(tmp_path):
+    pq = _pretrain_quality()
+    args = pq.build_parser().parse_args(["--model", "resnet14t", "--preset", "one_dim_flops", "--output_dir", str(tmp_path),
+                                         "--against_preset", "one_dim"])
+    other = pq.build_parser().parse_args(["--model", "resnet14t", "--preset", "one_dim", "--output_dir", str(tmp_path)])
+
+    def finish(a, arm, seed, acc):   # what run_pretrain leaves in a finished run directory
+        d = tmp_path / pq.run_name(a, arm, seed, 10)
+        d.mkdir()
+        (d / "summary.json").write_text(json.dumps({"test_acc": acc, "samples_per_worker": 81920,
+                                                    "samples_total": 163840, "wall_s": 1.0}))
+    for seed, (mine, theirs) in enumerate([(0.86, 0.85), (0.87, 0.87), (0.85, 0.86)]):
+        finish(args, "loft-L4-carry", seed, mine)
+        if seed < 2:
+            finish(other, "loft-L4-carry", seed, theirs)   # seed 2 not run under one_dim: left out of the pairing
+    jobs = [("loft-L4-carry", s, 10) for s in range(3)] + [("dense", 0, 10)]
+    assert [r["seed"] for r in pq.finished_runs(args, jobs)] == [0, 1, 2]
+    against = pq.against_preset_accuracies(args, jobs)
+    assert against == {"loft-L4-carry": {0: 0.85, 1: 0.87}}
+    flops = {"dense": 3.0, "loft_worker_mean": 2.0, "sync_bytes_per_round": {"reset": 1.0, "carry": 2.0}}
+    row = pq.report(args, pq.finished_runs(args, jobs), flops, against)["rows"][0]
+    assert row["vs_against_preset"]["n"] == 2 and row["vs_against_preset"]["mean"] == pytest.approx(0.5)
+    assert row["against_preset_acc"]["mean"] == pytest.approx(86.0)
+    with pytest.raises(SystemExit, match="is the --preset itself"):
+        pq.main(["--preset", "one_dim", "--against_preset", "one_dim"])
+
+
 @pytest.mark.parametrize("arm", ["loft-L4", "loft-Lx-carry", "loft-L4-keep", "dense-lrx", "loft-L4-carry-e0"])
 def test_pretrain_quality_refuses_unknown_arms(arm):
     with pytest.raises(SystemExit, match="is not dense, dense-flops or loft-L<k>-<reset|carry>"):
