@@ -53,7 +53,7 @@ partition-report: $(STAMP)
 # every timm model family through the channel analysis (one or more representatives per timm.models
 # module, chosen by the rule in the script): split / nothing splittable / refused, with the exactness
 # check at S=2 and S=4; docs/results/timm_coverage.{md,json}. Resumable; 10 to 30 minutes on 2 CPU cores.
-# ARGS="--preset one_dim" sweeps the recipe's default preset (docs/results/timm_coverage-one_dim.{md,json}).
+# ARGS="--preset one_dim_flops" sweeps the recipe's default preset (docs/results/timm_coverage-one_dim_flops.{md,json}).
 coverage: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) benchmarks/timm_coverage.py --per_prefix $(ARGS)
 

@@ -26,8 +26,9 @@ Regimes (``--regimes``; fine-tuning keeps the masks enforced, cosine lr, batch 6
 | unstructured-rewind-e5 | unstructured | 0.9, 0.98 | the weights after ``--rewind_epoch`` epochs | 5 epochs, lr 0.05 |
 
 Pretraining is benchmarks/pretrain_quality.py's (``--sources``: its arm names; the default ``dense`` and
-``loft-L4-reset`` with ``--preset all``, the recipe's defaults when the sweep was first run; today's are
-``--preset one_dim --sources dense,loft-L4-carry``), with the same flags for model, data subset and
+``loft-L4-reset`` with ``--preset all``, the recipe's defaults when the sweep was first run; the tables of
+2026-12-07 used ``--preset one_dim --sources dense,loft-L4-carry``, the defaults of 2026-12-06; today's preset is
+``one_dim_flops``), with the same flags for model, data subset and
 hyperparameters (one function adds them to both scripts) and the same output directory, so its finished
 runs are reused and this sweep only draws and fine-tunes tickets. The
 rewinding regime needs the weights after round k, which a pretraining saves only when it knows k before

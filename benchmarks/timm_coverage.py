@@ -6,8 +6,8 @@ plainest name, usually the base model), passing over names with more than 60M pa
 on the meta device; at most 8 tries). ``--per_prefix`` adds, per module, the representative of every name prefix (the leading letters of the name, after a vendor prefix such as ``tf_`` or
 ``legacy_``), e.g. mixnet and mnasnet next to efficientnet.
 
-For each representative, at a small input (1, 3, 64, 64), preset ``all`` (``--preset one_dim``, the
-recipe's default, writes docs/results/timm_coverage-one_dim.{json,md}):
+For each representative, at a small input (1, 3, 64, 64), preset ``all`` (``--preset one_dim_flops``, the
+recipe's default, writes docs/results/timm_coverage-one_dim_flops.{json,md}; ``--preset one_dim`` ...-one_dim):
 
 - ``split``: the number of split groups and channels, worker 0's parameter fraction at S=2 and S=4
   (round-robin dealing gives worker 0 the most units), and the exactness check of
@@ -239,7 +239,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", nargs="*", help="sweep these names instead of the representatives")
     ap.add_argument("--per_prefix", action="store_true", help="one representative per name prefix too")
     ap.add_argument("--preset", default="all", choices=PRESETS,
-                    help="partition preset of every plan (all: the most splitting; one_dim: the recipe's default)")
+                    help="partition preset of every plan (all: the most splitting; one_dim_flops: the recipe's default)")
     ap.add_argument("--output", default="",
                     help="output path without extension (.json and .md are written; default "
                          "docs/results/timm_coverage, with -<preset> for a preset other than all)")

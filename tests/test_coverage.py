@@ -1,7 +1,7 @@
 """A CI sample of the timm coverage sweep (``make coverage`` runs all families): every family either
 splits exactly, or is refused with the reason; none crashes. Numbers: split groups at S=2, preset all,
-input 64x64 (docs/results/timm_coverage.md), and for a few families the default one_dim
-(docs/results/timm_coverage-one_dim.md)."""
+input 64x64 (docs/results/timm_coverage.md), and for a few families the presets one_dim and one_dim_flops
+(the default; docs/results/timm_coverage-one_dim{,_flops}.md)."""
 import os
 import sys
 
@@ -61,8 +61,8 @@ def test_family_splits_exactly_or_says_why(name, what, status, groups):
         assert rec["reason"].startswith(f"nothing in {name} can be split")
 
 
-# the recipe's default preset (docs/results/timm_coverage-one_dim.md): fewer groups (none that would cut a
-# tensor an earlier split group already cuts along its other dim), each split still exact
+# preset one_dim (docs/results/timm_coverage-one_dim.md; the recipe's default until 2026-12-07): fewer groups
+# (none that would cut a tensor an earlier split group already cuts along its other dim), each split still exact
 ONE_DIM = {
     "efficientnet_b0": ("inverted residuals + squeeze-excite: the SE's reduced group stays shared", 18),
     "cspresnet50": ("CSP channel split", 18),
@@ -72,7 +72,7 @@ ONE_DIM = {
 
 
 @pytest.mark.parametrize("name, what, groups", [pytest.param(n, *v, id=n) for n, v in ONE_DIM.items()])
-def test_the_default_preset_splits_exactly(name, what, groups):
+def test_preset_one_dim_splits_exactly(name, what, groups):
     rec = run_one(name, check_workers=(2, 4), preset="one_dim")
     assert rec["status"] == "split" and rec["groups"] == groups, rec
     assert rec["exact"] and rec["failures"] == []

@@ -52,9 +52,9 @@ class LoftHparams(Hparams):
     workers: int = field(2, "S: filter workers; each trains a 1/S-wide sub-network of the split groups")
     local_steps: int = field(4, "L: local steps per worker between two syncs (one round)")
     optimizer_state: str = field("carry", "carry: momentum kept in a full-size buffer sliced and written back like "
-                                 "the weights (twice reset's sync bytes; with preset one_dim the LoFT model matches "
-                                 "dense: docs/results.md, 'Pretraining quality'); reset: momentum cleared each round "
-                                 "(the paper)", OPTIMIZER_STATE_MODES)
+                                 "the weights (twice reset's sync bytes; with presets one_dim and one_dim_flops "
+                                 "the LoFT model matches dense: docs/results.md, 'Pretraining quality'); reset: "
+                                 "momentum cleared each round (the paper)", OPTIMIZER_STATE_MODES)
     method: str = field("loft", "pretraining: loft (S filter workers), dense (plain training of the full "
                         "model: S=1, momentum carried), earlybird (dense, stopped by Early-Bird, BN-gamma "
                         "tickets) or random (loft pretraining, random tickets with the same per-layer "

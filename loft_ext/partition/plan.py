@@ -24,7 +24,7 @@ shared with the reason. Presets choose among the splittable groups:
   ResNet's stem output) is split only where ``one_dim`` splits it: choosing by savings alone split it on
   resnet14t, each worker's blocks saw only part of the stem's features, and the model lost 2 to 3 points
   (docs/results.md); kept shared, resnet14t's workers compute 1.34x instead of ``one_dim``'s 1.47x. Never more
-  FLOPs than ``one_dim``: its split set is among the candidates.
+  FLOPs than ``one_dim``: its split set is among the candidates. The default (``DEFAULT_PRESET``).
 """
 from __future__ import annotations
 
@@ -39,13 +39,15 @@ from .graph import NothingSplittable, PartitionError, TensorDim, analyse_channel
 
 PRESETS = ("paper", "all", "one_dim", "one_dim_flops")
 ONE_DIM_PRESETS = ("one_dim", "one_dim_flops")  # presets that divide no tensor along two dims
-DEFAULT_PRESET = "one_dim"  # with optimizer_state carry, the LoFT model that matched dense (docs/results.md)
+# since 2026-12-07: one_dim's model quality (10 paired seeds on resnet14t) at fewer FLOPs, the preset whose LoFT
+# model also matched dense at equal total FLOPs (docs/results.md "The default: one_dim_flops")
+DEFAULT_PRESET = "one_dim_flops"
 PRESET_HELP = ("channel groups to split: 'paper' (stem, head, first stage and first block of each stage shared, "
                "as the authors' release), 'all' (every splittable group), 'one_dim' (all, but no tensor divided "
                "along two dims: a Bottleneck's conv2->conv3 group stays shared so every weight trains each round) or "
-               "'one_dim_flops' (one_dim's rule, choosing the cuts that save the most FLOPs, the stem's output split "
-               "only where one_dim splits it: resnet10t 1.02x dense's FLOPs instead of 1.20x, resnet14t 1.34x instead "
-               "of 1.47x, model quality as one_dim's on the mean, docs/results.md)")
+               "'one_dim_flops' (the default: one_dim's rule, choosing the cuts that save the most FLOPs, the stem's "
+               "output split only where one_dim splits it: resnet10t 1.02x dense's FLOPs instead of 1.20x, resnet14t "
+               "1.34x instead of 1.47x, model quality as one_dim's within the seeds' spread, docs/results.md)")
 
 
 @dataclass(frozen=True)
