@@ -351,7 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--results", default=os.path.join(ROOT, "docs", "results", "pretrain_quality"),
                         help="path prefix of the .json and .md written")
     parser.add_argument("--report_only", action="store_true", help="tables from finished runs, no training")
-    parser.add_argument("--against_preset", default="", choices=("", "all", "paper", "one_dim", "one_dim_flops"),
+    from loft_ext.partition.plan import PRESETS
+
+    parser.add_argument("--against_preset", default="", choices=("", *PRESETS),
                         help="also compare each LoFT arm with its finished runs of the same seeds under this preset "
                              "(paired by seed; run them with --preset first, nothing is trained for it)")
     return parser

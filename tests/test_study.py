@@ -236,7 +236,8 @@ def test_equal_flops_dense_budget_in_whole_epochs_or_exact_rounds():
 def test_pretrain_quality_names_one_log_per_run_directory():
     # two presets' launches side by side once wrote seed 7's rounds into one shared "loft-L4-carry-seed7.log"
     pq = _pretrain_quality()
-    one_dim, flops = (pq.build_parser().parse_args(["--model", "resnet14t", "--preset", p]) for p in ("one_dim", "one_dim_flops"))
+    one_dim, flops = (pq.build_parser().parse_args(["--model", "resnet14t", "--preset", p])
+                      for p in ("one_dim", "one_dim_flops"))
     assert pq.run_name(one_dim, "loft-L4-carry", 7, 10) != pq.run_name(flops, "loft-L4-carry", 7, 10)
     assert pq.run_name(one_dim, "loft-L4-carry", 7, 10) != pq.run_name(one_dim, "loft-L4-carry", 8, 10)
     assert pq.run_name(one_dim, "dense", 7, 10) == pq.run_name(flops, "dense", 7, 10)   # dense splits nothing
@@ -245,8 +246,8 @@ def test_pretrain_quality_names_one_log_per_run_directory():
 
 def test_pretrain_quality_pairs_an_arm_with_its_runs_under_another_preset(tmp_path):
     pq = _pretrain_quality()
-    args = pq.build_parser().parse_args(["--model", "resnet14t", "--preset", "one_dim_flops", "--output_dir", str(tmp_path),
-                                         "--against_preset", "one_dim"])
+    args = pq.build_parser().parse_args(["--model", "resnet14t", "--preset", "one_dim_flops",
+                                         "--output_dir", str(tmp_path), "--against_preset", "one_dim"])
     other = pq.build_parser().parse_args(["--model", "resnet14t", "--preset", "one_dim", "--output_dir", str(tmp_path)])
 
     def finish(a, arm, seed, acc):   # what run_pretrain leaves in a finished run directory
