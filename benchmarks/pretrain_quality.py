@@ -280,9 +280,9 @@ def report(args, runs: list[dict], flops: dict, against: dict[str, dict[int, flo
         a = parse_arm(arm)
         per_sample = flops["loft_worker_mean"] if a["method"] == "loft" else flops["dense"]
         total = per_sample * statistics.fmean(r["samples_total"] for r in mine)
-        values = [100 * v for v in accs.values()]
-        rows.append({"arm": arm, "n": len(values), "epochs": mine[0]["epochs"], "test_acc_mean": statistics.fmean(values),
-                     "test_acc_std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        acc = _mean_std(accs)
+        rows.append({"arm": arm, "n": acc["n"], "epochs": mine[0]["epochs"], "test_acc_mean": acc["mean"],
+                     "test_acc_std": acc["std"],
                      "samples_per_worker": mine[0]["samples_per_worker"], "train_flops": total,
                      "sync_mib_per_rank": (0.0 if a["method"] != "loft" else flops["sync_bytes_per_round"][
                          a["optimizer_state"]] * mine[0]["samples_per_worker"] / (a["local_steps"] * args.batch_size)
